@@ -1,0 +1,212 @@
+"""What the four scripts share: settings, errors, safe file writes, images, chat messages, model loading, captioning.
+
+Training and inference both build their prompts with `build_messages` and load images with `load_image`,
+so the prompt and image size cannot drift apart between them.
+"""
+import json
+import os
+import re
+import sys
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+RUN_CONFIG = "run_config.json"  # the settings a training run used, saved next to its adapter
+END_OF_TURN = "<|im_end|>"  # Qwen2-VL's chat template closes every turn with it; the model must learn to emit it
+
+
+class PipelineError(Exception):
+    """A failure the user can fix: printed as one message, without a traceback."""
+
+
+def run_script(main):
+    """Run a script's main(argv) the way a user meets it: clear one-line errors and exit codes."""
+    try:
+        main(sys.argv[1:])
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: finished files are kept; run the same command again to continue", file=sys.stderr)
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- settings
+
+def parse_settings(script_globals, argv):
+    """The script's lowercase constants, with `--name=value` overrides from argv checked against their types."""
+    settings = {
+        name: value
+        for name, value in script_globals.items()
+        if name.islower() and not name.startswith("_") and type(value) in (bool, int, float, str)
+    }
+    for arg in argv:
+        name, sep, text = arg[2:].partition("=")
+        if not arg.startswith("--") or not sep:
+            raise PipelineError(f"cannot read the argument {arg!r}: settings are given as --name=value")
+        if name not in settings:
+            raise PipelineError(f"unknown setting {name!r}; valid settings: {', '.join(sorted(settings))}")
+        settings[name] = _parse_value(name, text, settings[name])
+    return SimpleNamespace(**settings)
+
+
+def _parse_value(name, text, default):
+    kind = type(default)
+    if kind is str:
+        return text
+    if kind is bool:
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+    else:
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise PipelineError(f"--{name}={text}: expected a {kind.__name__} like the default {default!r}")
+
+
+# ----------------------------------------------------------------------------- files
+
+@contextmanager
+def atomic_write(path, mode="w", **open_kwargs):
+    """Open a temporary file next to `path` and rename it over `path` only once it is complete."""
+    temp_path = f"{path}.part"
+    try:
+        with open(temp_path, mode, **open_kwargs) as file:
+            yield file
+        os.replace(temp_path, path)
+    except BaseException:
+        if os.path.exists(temp_path):
+            os.remove(temp_path)
+        raise
+
+
+def write_json(path, data):
+    with atomic_write(path, encoding="utf-8") as file:
+        json.dump(data, file, ensure_ascii=False, indent=2)
+
+
+# ----------------------------------------------------------------------------- data
+
+VISION_TAG = re.compile(r"<\|vision_start\|>(.*?)<\|vision_end\|>")
+
+
+def read_conversations(path):
+    """The recipe's JSON as (image_path, prompt, caption) samples; the prompt is the user text around the image."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            entries = json.load(file)
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: run csv2json.py first or set --json_path") from None
+    except json.JSONDecodeError as error:
+        raise PipelineError(f"{path} is not valid JSON: {error}") from None
+    samples = []
+    for number, entry in enumerate(entries):
+        try:
+            user, assistant = entry["conversations"]
+            image_path = VISION_TAG.search(user["value"]).group(1)
+            prompt = VISION_TAG.sub("", user["value"]).strip()
+            samples.append({"image_path": image_path, "prompt": prompt, "caption": assistant["value"], "entry": entry})
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise PipelineError(
+                f"{path}, entry {number} (id {entry.get('id') if isinstance(entry, dict) else '?'}) is not in the "
+                'recipe\'s format: {"conversations": [{"from": "user", "value": "PROMPT <|vision_start|>IMAGE'
+                '<|vision_end|>"}, {"from": "assistant", "value": "CAPTION"}]}; rebuild it with csv2json.py'
+            ) from None
+    return samples
+
+
+
+# ----------------------------------------------------------------------------- images and messages
+
+def load_image(path, image_size):
+    """An RGB image resized to image_size x image_size, the size training used."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except FileNotFoundError:
+        raise PipelineError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise PipelineError(f"cannot read image {path}: {error}") from None
+    return image.resize((image_size, image_size), Image.BICUBIC)
+
+
+def build_messages(image, prompt, caption=None):
+    """The chat for one image: the user sends the image and the prompt; with a caption, the assistant answers."""
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+    if caption is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": caption}]})
+    return messages
+
+
+# ----------------------------------------------------------------------------- model
+
+def device_and_dtype():
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", torch.float32
+
+
+def resolve_model(model):
+    """A local model folder as given, or a hub id downloaded with ModelScope into ./<id> as the recipe does."""
+    if os.path.isdir(model):
+        return model
+    print(f"model {model!r} is not a local folder: downloading it from ModelScope into ./{model}")
+    try:
+        from modelscope import snapshot_download
+
+        return snapshot_download(model, cache_dir="./")
+    except Exception as error:
+        raise PipelineError(
+            f"downloading the model {model!r} from ModelScope failed ({type(error).__name__}: {error}). "
+            "Download it another way (e.g. `huggingface-cli download Qwen/Qwen2-VL-2B-Instruct --local-dir "
+            "Qwen2-VL-2B-Instruct`) and pass the folder as --model=Qwen2-VL-2B-Instruct"
+        ) from None
+
+
+def load_model_and_processor(model):
+    """Qwen2-VL and its processor from a local folder or hub id: bf16 on CUDA, fp32 on CPU, safetensors only."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    path = resolve_model(model)
+    device, dtype = device_and_dtype()
+    processor = AutoProcessor.from_pretrained(path)
+    base_model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    return base_model.to(device), processor
+
+
+def generate_captions(model, processor, images, prompt, max_new_tokens, batch_size):
+    """Greedy captions for a list of PIL images, generated batch_size at a time with left padding."""
+    import torch
+    from tqdm import tqdm
+    from transformers import GenerationConfig
+
+    tokenizer = processor.tokenizer
+    generation_config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        eos_token_id=tokenizer.convert_tokens_to_ids(END_OF_TURN),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    captions = []
+    with tqdm(total=len(images), desc="captioning", unit="image") as progress:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            texts = [
+                processor.apply_chat_template(build_messages(image, prompt), add_generation_prompt=True, tokenize=False)
+                for image in batch
+            ]
+            inputs = processor(text=texts, images=batch, padding=True, padding_side="left", return_tensors="pt")
+            inputs = inputs.to(model.device)
+            with torch.inference_mode():
+                output = model.generate(**inputs, generation_config=generation_config)
+            new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            captions += [caption.strip() for caption in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+            progress.update(len(batch))
+    return captions

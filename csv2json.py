@@ -1,0 +1,75 @@
+"""Step 2: turn the CSV of image/caption pairs into the recipe's conversation JSON.
+
+    python csv2json.py --csv_path=coco-2024-dataset.csv --json_path=data_vl.json
+
+Each row becomes {"id": "identity_N", "conversations": [user: "COCO Yes: <|vision_start|>IMAGE<|vision_end|>",
+assistant: CAPTION]}. Rows whose image file is missing or whose caption is empty are skipped and reported.
+"""
+import csv
+import os
+
+from captioning import PipelineError, parse_settings, run_script, write_json
+
+# ----------------------------------------------------------------------------- settings
+csv_path = "coco-2024-dataset.csv"  # needs columns image_path and caption; relative paths are read from its folder
+json_path = "data_vl.json"
+prompt = "COCO Yes:"  # the text the user turn sends with each image
+# -----------------------------------------------------------------------------
+
+REQUIRED_COLUMNS = ("image_path", "caption")
+
+
+def read_rows(path):
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            reader = csv.DictReader(file)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except FileNotFoundError:
+        raise PipelineError(f"CSV not found: {path}; run data2csv.py first or set --csv_path") from None
+    except UnicodeDecodeError as error:
+        raise PipelineError(f"{path} is not UTF-8 text ({error}); save it as UTF-8 CSV") from None
+    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
+    if missing:
+        raise PipelineError(
+            f"{path} lacks the column(s) {', '.join(missing)}; it has {', '.join(columns) or 'no header'}"
+        )
+    return rows
+
+
+def conversation(number, image_path, caption, prompt_text):
+    return {
+        "id": f"identity_{number}",
+        "conversations": [
+            {"from": "user", "value": f"{prompt_text} <|vision_start|>{image_path}<|vision_end|>"},
+            {"from": "assistant", "value": caption},
+        ],
+    }
+
+
+def main(argv=()):
+    cfg = parse_settings(globals(), argv)
+    csv_folder = os.path.dirname(os.path.abspath(cfg.csv_path))
+    conversations, skipped = [], []
+    for line_number, row in enumerate(read_rows(cfg.csv_path), start=2):  # line 1 is the header
+        image_path = os.path.join(csv_folder, row["image_path"] or "")
+        caption = (row["caption"] or "").strip()
+        if not caption:
+            skipped.append(f"line {line_number}: empty caption")
+        elif not os.path.isfile(image_path):
+            skipped.append(f"line {line_number}: image not found: {image_path}")
+        else:
+            conversations.append(conversation(len(conversations) + 1, os.path.normpath(image_path), caption, cfg.prompt))
+
+    if skipped:
+        print(f"skipped {len(skipped)} rows of {cfg.csv_path}:", *skipped[:5], sep="\n  ")
+        if len(skipped) > 5:
+            print(f"  ... and {len(skipped) - 5} more")
+    if not conversations:
+        raise PipelineError(f"{cfg.csv_path} has no usable row (an existing image file and a non-empty caption)")
+    write_json(cfg.json_path, conversations)
+    print(f"wrote {len(conversations)} conversations to {cfg.json_path}")
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,293 @@
+"""Step 1: fetch COCO 2014 image/caption pairs into an image folder and a CSV.
+
+    python data2csv.py                                  # ModelScope, as the recipe does
+    python data2csv.py --source=coco                    # the official COCO 2014 files
+    python data2csv.py --source=hf:<dataset id>         # a Hugging Face hub dataset
+    python data2csv.py --source=path/to/imagefolder     # images + metadata.jsonl or metadata.csv
+
+Writes image_dir/{image_id}.jpg (RGB JPEG, each image once) and csv_path with columns image_path, caption,
+image_id (one row per caption). Re-running resumes: images already on disk are not fetched again.
+"""
+import csv
+import glob
+import io
+import itertools
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from typing import Callable, NamedTuple
+
+from tqdm import tqdm
+
+from captioning import PipelineError, atomic_write, parse_settings, run_script
+
+# ----------------------------------------------------------------------------- settings
+source = "modelscope"  # modelscope | coco | hf:<dataset id> | path to a local imagefolder
+max_data_number = 500  # how many image/caption rows to take from the start of the source
+image_dir = "coco_2014_caption"  # images are saved here as {image_id}.jpg
+csv_path = "coco-2024-dataset.csv"
+split = "train"  # dataset split; for coco: train or val (COCO 2014)
+modelscope_dataset = "modelscope/coco_2014_caption"
+modelscope_subset = "coco_2014_caption"
+coco_annotations = "http://images.cocodataset.org/annotations/annotations_trainval2014.zip"  # URL or local .zip/.json
+download_dir = "downloads"  # where a downloaded COCO annotation file is kept for the next run
+image_column = "image"  # column names of a hub dataset
+caption_column = "caption"
+image_id_column = "image_id"  # optional: the row number is used when a dataset has no such column
+timeout = 30  # seconds before one HTTP request is given up
+retries = 3  # further tries of a failed HTTP request, waiting 1 s, 2 s, 4 s, ... in between
+# -----------------------------------------------------------------------------
+
+SOURCE_HELP = (
+    "choose another source: --source=coco (official COCO 2014 annotations and images), "
+    "--source=hf:<dataset id> (a Hugging Face hub dataset), or --source=<folder> "
+    "(images plus metadata.jsonl or metadata.csv with columns file_name, caption)"
+)
+
+
+class Row(NamedTuple):
+    image_id: str
+    caption: str
+    fetch_image: Callable[[], object]  # returns encoded bytes or a PIL image; called only when the image is missing
+
+
+# ----------------------------------------------------------------------------- sources
+
+def modelscope_rows(cfg):
+    """The recipe's source: one row per caption, with the image decoded by ModelScope."""
+    try:
+        from modelscope.msdatasets import MsDataset
+
+        dataset = MsDataset.load(cfg.modelscope_dataset, subset_name=cfg.modelscope_subset, split=cfg.split)
+        for index in range(min(cfg.max_data_number, len(dataset))):
+            item = dataset[index]
+            yield Row(item["image_id"], item["caption"], lambda image=item["image"]: image)
+    except PipelineError:
+        raise
+    except Exception as error:
+        raise PipelineError(
+            f"loading {cfg.modelscope_dataset} (subset {cfg.modelscope_subset}, split {cfg.split}) from ModelScope "
+            f"failed: {type(error).__name__}: {error}. This download is broken upstream for current versions "
+            f"(modelscope issues 1252 and 1769); {SOURCE_HELP}"
+        ) from None
+
+
+def coco_rows(cfg):
+    """Official COCO 2014 captions: the annotation JSON, and each needed image fetched from its URL."""
+    annotations = read_coco_annotations(cfg)
+    image_urls = {image["id"]: image.get("coco_url") or image.get("flickr_url") for image in annotations["images"]}
+    for annotation in annotations["annotations"]:
+        url = image_urls[annotation["image_id"]]
+        yield Row(annotation["image_id"], annotation["caption"], lambda url=url: http_get(url, cfg))
+
+
+def read_coco_annotations(cfg):
+    location = cfg.coco_annotations
+    if re.match(r"https?://", location):
+        location = download_file(location, cfg)
+    member = f"annotations/captions_{cfg.split}2014.json"
+    try:
+        if location.endswith(".zip"):
+            with zipfile.ZipFile(location) as archive:
+                return json.loads(archive.read(member))
+        with open(location, encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError:
+        raise PipelineError(f"COCO annotation file not found: {location}; set --coco_annotations") from None
+    except KeyError:
+        raise PipelineError(f"{location} has no {member}; use split train or val") from None
+    except (zipfile.BadZipFile, json.JSONDecodeError) as error:
+        raise PipelineError(f"cannot read COCO annotations {location}: {error}; delete it and run again") from None
+
+
+def hub_rows(cfg, dataset_id):
+    """A Hugging Face dataset, streamed so only the rows needed are read."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(dataset_id, split=cfg.split, streaming=True)
+        for index, item in enumerate(dataset):
+            missing = {cfg.image_column, cfg.caption_column} - set(item)
+            if missing:
+                raise PipelineError(
+                    f"dataset {dataset_id} has no column {', '.join(sorted(missing))}; its columns are "
+                    f"{', '.join(item)}: set --image_column and --caption_column"
+                )
+            image_id = item.get(cfg.image_id_column, index)
+            for caption in as_caption_list(item[cfg.caption_column]):
+                yield Row(image_id, caption, lambda image=item[cfg.image_column]: image)
+    except PipelineError:
+        raise
+    except Exception as error:
+        raise PipelineError(
+            f"loading the Hugging Face dataset {dataset_id!r} (split {cfg.split}) failed: "
+            f"{type(error).__name__}: {error}"
+        ) from None
+
+
+def imagefolder_rows(cfg, folder):
+    """A local folder in the Hugging Face imagefolder layout: images plus metadata.jsonl or metadata.csv."""
+    jsonl_path, csv_metadata_path = os.path.join(folder, "metadata.jsonl"), os.path.join(folder, "metadata.csv")
+    if os.path.exists(jsonl_path):
+        with open(jsonl_path, encoding="utf-8") as file:
+            records = [json.loads(line) for line in file if line.strip()]
+    elif os.path.exists(csv_metadata_path):
+        with open(csv_metadata_path, encoding="utf-8-sig", newline="") as file:
+            records = list(csv.DictReader(file))
+    else:
+        raise PipelineError(f"{folder} has neither metadata.jsonl nor metadata.csv (columns file_name, caption)")
+    for record in records:
+        image_path = os.path.join(folder, record["file_name"])
+        image_id = record.get("image_id") or os.path.splitext(os.path.basename(record["file_name"]))[0]
+        for caption in as_caption_list(record["caption"]):
+            yield Row(image_id, caption, lambda path=image_path: read_bytes(path))
+
+
+def as_caption_list(value):
+    return value if isinstance(value, list) else [value]
+
+
+def read_bytes(path):
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def open_source(cfg):
+    if cfg.source == "modelscope":
+        return modelscope_rows(cfg)
+    if cfg.source == "coco":
+        return coco_rows(cfg)
+    if cfg.source.startswith("hf:"):
+        return hub_rows(cfg, cfg.source[3:])
+    if os.path.isdir(cfg.source):
+        return imagefolder_rows(cfg, cfg.source)
+    raise PipelineError(f"unknown source {cfg.source!r}: use modelscope, or {SOURCE_HELP}")
+
+
+# ----------------------------------------------------------------------------- downloads
+
+class DownloadError(Exception):
+    pass
+
+
+def http_get(url, cfg):
+    """The body of url, retried with growing waits on network errors and HTTP 5xx/429."""
+    for attempt in range(cfg.retries + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=cfg.timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as error:
+            if error.code < 500 and error.code != 429:
+                raise DownloadError(f"HTTP {error.code} for {url}") from None
+            problem = f"HTTP {error.code}"
+        except (urllib.error.URLError, OSError) as error:
+            problem = str(getattr(error, "reason", error))
+        if attempt < cfg.retries:
+            time.sleep(2**attempt)
+    raise DownloadError(f"{url} failed {cfg.retries + 1} times, last with {problem}")
+
+
+def download_file(url, cfg):
+    """A large file downloaded once into download_dir, with a progress bar; reused on later runs."""
+    os.makedirs(cfg.download_dir, exist_ok=True)
+    path = os.path.join(cfg.download_dir, os.path.basename(url))
+    if os.path.exists(path):
+        return path
+    try:
+        with urllib.request.urlopen(url, timeout=cfg.timeout) as response, atomic_write(path, "wb") as file:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(url)}") as bar:
+                while chunk := response.read(1 << 20):
+                    file.write(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as error:
+        raise PipelineError(
+            f"downloading {url} failed: {getattr(error, 'reason', error)}. Download it by hand and pass "
+            f"--coco_annotations=<path to the .zip or captions_{cfg.split}2014.json>"
+        ) from None
+    return path
+
+
+# ----------------------------------------------------------------------------- images
+
+def save_rgb_jpeg(image_or_bytes, path):
+    """Save an image as an RGB JPEG, keeping an RGB JPEG's bytes as they are; raises OSError if it does not decode."""
+    from PIL import Image
+
+    if isinstance(image_or_bytes, bytes):
+        image = Image.open(io.BytesIO(image_or_bytes))
+        image.load()  # decodes fully, so a truncated file fails here and is never saved
+        if image.format == "JPEG" and image.mode == "RGB":
+            with atomic_write(path, "wb") as file:
+                file.write(image_or_bytes)
+            return
+    else:
+        image = image_or_bytes
+    with atomic_write(path, "wb") as file:
+        image.convert("RGB").save(file, format="JPEG", quality=95)
+
+
+def image_file_name(image_id):
+    """{image_id}.jpg, with any character that could leave the folder replaced."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(image_id)).lstrip(".") + ".jpg"
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=()):
+    cfg = parse_settings(globals(), argv)
+    os.makedirs(cfg.image_dir, exist_ok=True)
+    for leftover in glob.glob(os.path.join(cfg.image_dir, "*.part")):
+        os.remove(leftover)  # a write that an earlier run did not finish
+
+    rows, failed, fetched, reused, empty_captions = [], {}, set(), set(), 0
+    progress = tqdm(itertools.islice(open_source(cfg), cfg.max_data_number), total=cfg.max_data_number, unit="row")
+    for row in progress:
+        caption = str(row.caption or "").strip()
+        if not caption:
+            empty_captions += 1
+            continue
+        if row.image_id in failed:
+            continue
+        image_path = os.path.abspath(os.path.join(cfg.image_dir, image_file_name(row.image_id)))
+        if image_path not in fetched and image_path not in reused:
+            if os.path.exists(image_path):
+                reused.add(image_path)
+            else:
+                try:
+                    save_rgb_jpeg(row.fetch_image(), image_path)
+                except (DownloadError, OSError) as error:
+                    failed[row.image_id] = str(error)
+                    continue
+                fetched.add(image_path)
+            progress.set_postfix(images=len(fetched) + len(reused), fetched=len(fetched))
+        rows.append({"image_path": image_path, "caption": caption, "image_id": row.image_id})
+    progress.close()
+
+    if empty_captions:
+        print(f"skipped {empty_captions} rows with an empty caption")
+    if not rows:
+        raise PipelineError(f"no image/caption pair could be saved from {cfg.source}: {summary(failed)}")
+    with atomic_write(cfg.csv_path, encoding="utf-8", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["image_path", "caption", "image_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(
+        f"wrote {len(rows)} rows to {cfg.csv_path}: {len(fetched) + len(reused)} images in {cfg.image_dir} "
+        f"({len(fetched)} fetched now, {len(reused)} already there)"
+    )
+    if failed:
+        print(f"skipped {len(failed)} images: {summary(failed)}; run again to retry them")
+
+
+def summary(failed, shown=5):
+    listed = "; ".join(f"{image_id}: {reason}" for image_id, reason in itertools.islice(failed.items(), shown))
+    return listed + (f"; and {len(failed) - shown} more" if len(failed) > shown else "")
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,293 @@
+"""Step 3: LoRA fine-tune Qwen2-VL-2B-Instruct on the conversation JSON, with SwanLab watching.
+
+    python train.py                                    # recipe defaults: 2 epochs, batch 4 x 4, lr 1e-4
+    python train.py --model=path/to/Qwen2-VL-2B-Instruct --swanlab_mode=disabled
+
+Holds out the last test_size distinct images (data_vl_test.json), trains on the rest (data_vl_train.json), saves
+checkpoints and the final adapter with the processor files and run_config.json in output_dir, then captions the
+held-out images and logs them to SwanLab.
+"""
+import os
+from collections import Counter
+
+import torch
+from torch.utils.data import Dataset
+
+from captioning import (
+    END_OF_TURN,
+    RUN_CONFIG,
+    PipelineError,
+    build_messages,
+    device_and_dtype,
+    generate_captions,
+    load_image,
+    load_model_and_processor,
+    read_conversations,
+    parse_settings,
+    run_script,
+    write_json,
+)
+
+# ----------------------------------------------------------------------------- settings
+model = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (downloaded with ModelScope into ./Qwen/...) or a local folder
+json_path = "data_vl.json"  # written by csv2json.py
+output_dir = "output/Qwen2-VL-2B"
+test_size = 4  # distinct images held out for testing, taken from the end of the data
+num_train_epochs = 2
+max_steps = -1  # > 0 overrides num_train_epochs
+per_device_train_batch_size = 4
+gradient_accumulation_steps = 4
+learning_rate = 1e-4
+lora_r = 64
+lora_alpha = 16
+lora_dropout = 0.05
+image_size = 280  # images are resized to image_size x image_size (a multiple of 28) in training and inference
+max_length = 8192  # samples with more tokens are skipped, never cut through their image tokens
+logging_steps = 10
+save_steps = 100
+max_new_tokens = 128  # for the held-out captions generated after training
+swanlab_mode = "auto"  # auto (cloud when logged in, else local) | cloud | local | offline | disabled
+swanlab_project = "Qwen2-VL-finetune"
+seed = 42
+# -----------------------------------------------------------------------------
+
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IGNORE_INDEX = -100  # label value the loss skips
+
+
+# ----------------------------------------------------------------------------- data
+
+def split_by_image(samples, test_size):
+    """Hold out the last test_size distinct images with all their captions, so no image is in both parts."""
+    images = list(dict.fromkeys(sample["image_path"] for sample in samples))
+    if len(images) <= test_size:
+        raise PipelineError(
+            f"the data has {len(images)} distinct images, but test_size={test_size} of them are held out and at "
+            "least one is needed for training: fetch more data or lower --test_size"
+        )
+    test_images = set(images[len(images) - test_size:])
+    train = [sample for sample in samples if sample["image_path"] not in test_images]
+    test = [sample for sample in samples if sample["image_path"] in test_images]
+    return train, test
+
+
+def answer_token_ids(processor, prompt, caption):
+    """The tokens the model must produce: the caption as the chat template renders it, up to END_OF_TURN."""
+    messages = build_messages(None, prompt, caption)
+    prompt_text = processor.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
+    full_text = processor.apply_chat_template(messages, tokenize=False)
+    if not full_text.startswith(prompt_text) or END_OF_TURN not in full_text[len(prompt_text):]:
+        raise PipelineError("the processor's chat template does not render a Qwen2-VL assistant turn")
+    answer = full_text[len(prompt_text):]
+    answer = answer[: answer.index(END_OF_TURN) + len(END_OF_TURN)]
+    return processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+
+def prompt_inputs(processor, image, prompt):
+    """The processor's tensors for the user turn and the opening of the assistant's answer."""
+    prompt_text = processor.apply_chat_template(build_messages(image, prompt), add_generation_prompt=True, tokenize=False)
+    return processor(text=[prompt_text], images=[image], return_tensors="pt")
+
+
+def encode_sample(processor, image, prompt, caption):
+    """Token ids, labels and image tensors for one sample: only the caption and END_OF_TURN are supervised."""
+    inputs = prompt_inputs(processor, image, prompt)
+    answer = torch.tensor(answer_token_ids(processor, prompt, caption))
+    sample = {}
+    for key, value in inputs.items():
+        if key in ("pixel_values", "image_grid_thw"):
+            sample[key] = value
+        else:  # per-token rows: input_ids, attention_mask, and extras such as mm_token_type_ids (0 for text)
+            answer_values = {"input_ids": answer, "attention_mask": torch.ones_like(answer)}.get(key)
+            sample[key] = torch.cat([value[0], torch.zeros_like(answer) if answer_values is None else answer_values])
+    sample["labels"] = torch.cat([torch.full_like(inputs["input_ids"][0], IGNORE_INDEX), answer])
+    return sample
+
+
+class CaptionDataset(Dataset):
+    """Samples encoded on the fly (nothing cached), after dropping those whose image is missing or that are too long."""
+
+    def __init__(self, samples, processor, image_size, max_length):
+        self.processor, self.image_size = processor, image_size
+        blank = load_blank_image(image_size)
+        prompt_lengths = {}
+        self.samples, self.skipped = [], []
+        for sample in samples:
+            if not os.path.isfile(sample["image_path"]):
+                self.skipped.append(f"image not found: {sample['image_path']}")
+                continue
+            prompt = sample["prompt"]
+            if prompt not in prompt_lengths:
+                prompt_lengths[prompt] = prompt_inputs(processor, blank, prompt)["input_ids"].shape[1]
+            length = prompt_lengths[prompt] + len(answer_token_ids(processor, prompt, sample["caption"]))
+            if length > max_length:
+                self.skipped.append(f"{length} tokens > max_length={max_length}: {sample['image_path']}")
+                continue
+            self.samples.append(sample)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        sample = self.samples[index]
+        image = load_image(sample["image_path"], self.image_size)
+        return encode_sample(self.processor, image, sample["prompt"], sample["caption"])
+
+
+def load_blank_image(image_size):
+    from PIL import Image
+
+    return Image.new("RGB", (image_size, image_size))
+
+
+class CaptionCollator:
+    """Pads token sequences on the right and joins the images: pixel_values are concatenated patch rows and
+    image_grid_thw is stacked, so images of different sizes each keep their own patch count."""
+
+    def __init__(self, pad_token_id):
+        self.pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
+
+    def __call__(self, samples):
+        batch = {}
+        longest = max(len(sample["input_ids"]) for sample in samples)
+        for key in samples[0]:
+            values = [sample[key] for sample in samples]
+            if key in ("pixel_values", "image_grid_thw"):
+                batch[key] = torch.cat(values)
+            else:
+                padded = torch.full((len(values), longest), self.pad_values.get(key, 0), dtype=values[0].dtype)
+                for row, value in enumerate(values):
+                    padded[row, : len(value)] = value
+                batch[key] = padded
+        return batch
+
+
+# ----------------------------------------------------------------------------- tracking
+
+def swanlab_run_mode(requested):
+    """SwanLab's own mode name for the swanlab_mode setting; auto is cloud when logged in, else local."""
+    modes = {"cloud": "online", "online": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
+    if requested == "auto":
+        return "online" if swanlab_logged_in() else "local"
+    if requested not in modes:
+        raise PipelineError(f"--swanlab_mode={requested}: use auto, cloud, local, offline or disabled")
+    return modes[requested]
+
+
+def swanlab_logged_in():
+    if os.environ.get("SWANLAB_API_KEY"):
+        return True
+    try:
+        from swanlab.sdk.internal.settings import Settings  # reads the key `swanlab login` saved
+
+        return Settings().api_key is not None
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------- main
+
+def sibling_path(json_file, suffix):
+    """data_vl.json -> data_vl_train.json, in the same folder."""
+    stem, extension = os.path.splitext(json_file)
+    return f"{stem}_{suffix}{extension or '.json'}"
+
+
+def report_skipped(skipped, what):
+    if skipped:
+        print(f"skipped {len(skipped)} {what}:", *skipped[:5], sep="\n  ")
+        if len(skipped) > 5:
+            print(f"  ... and {len(skipped) - 5} more")
+
+
+def main(argv=()):
+    cfg = parse_settings(globals(), argv)
+    if cfg.image_size <= 0 or cfg.image_size % 28:
+        raise PipelineError(f"--image_size={cfg.image_size}: use a positive multiple of 28 (14-pixel patches, merged 2x2)")
+    mode = swanlab_run_mode(cfg.swanlab_mode)
+
+    samples = read_conversations(cfg.json_path)
+    train_samples, test_samples = split_by_image(samples, cfg.test_size)
+    train_json, test_json = sibling_path(cfg.json_path, "train"), sibling_path(cfg.json_path, "test")
+    write_json(train_json, [sample["entry"] for sample in train_samples])
+    write_json(test_json, [sample["entry"] for sample in test_samples])
+    prompt = Counter(sample["prompt"] for sample in samples).most_common(1)[0][0]
+    print(f"{len(train_samples)} training samples -> {train_json}; {len(test_samples)} held out -> {test_json}")
+
+    import swanlab
+    from peft import LoraConfig, TaskType, get_peft_model
+    from swanlab.integration.transformers import SwanLabCallback
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    set_seed(cfg.seed)
+    base_model, processor = load_model_and_processor(cfg.model)
+    dataset = CaptionDataset(train_samples, processor, cfg.image_size, cfg.max_length)
+    report_skipped(dataset.skipped, "training samples")
+    if not len(dataset):
+        raise PipelineError(f"no training sample is left in {cfg.json_path} after skipping the ones listed above")
+
+    lora_config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        target_modules=LORA_TARGET_MODULES,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+    )
+    base_model.enable_input_require_grads()  # lets gradient checkpointing reach the LoRA weights
+    lora_model = get_peft_model(base_model, lora_config)
+    lora_model.print_trainable_parameters()
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    model_path = os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # usable from any folder
+    run_config = {**vars(cfg), "model": model_path, "prompt": prompt, "train_json": os.path.abspath(train_json),
+                  "test_json": os.path.abspath(test_json), "swanlab_mode_used": mode}
+    write_json(os.path.join(cfg.output_dir, RUN_CONFIG), run_config)
+    swanlab.init(project=cfg.swanlab_project, experiment_name=os.path.basename(os.path.normpath(cfg.output_dir)),
+                 config=run_config, mode=mode)
+
+    device, _ = device_and_dtype()
+    args = TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_steps=cfg.save_steps,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        seed=cfg.seed,
+        report_to="none",  # SwanLab is attached below as a callback
+        remove_unused_columns=False,  # the collator needs pixel_values and image_grid_thw
+    )
+    trainer = Trainer(
+        model=lora_model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=CaptionCollator(processor.tokenizer.pad_token_id),
+        processing_class=processor,  # so every checkpoint folder also holds the processor files
+        callbacks=[SwanLabCallback()],
+    )
+    trainer.train()
+    trainer.save_model(cfg.output_dir)
+    processor.save_pretrained(cfg.output_dir)
+    print(f"saved the adapter, processor and {RUN_CONFIG} to {cfg.output_dir}")
+
+    test_images = list(dict.fromkeys(sample["image_path"] for sample in test_samples))
+    lora_model.eval()
+    captions = generate_captions(
+        lora_model, processor, [load_image(path, cfg.image_size) for path in test_images], prompt,
+        cfg.max_new_tokens, batch_size=cfg.per_device_train_batch_size,
+    )
+    for path, caption in zip(test_images, captions):
+        print(f"{path}: {caption}")
+    swanlab.log({"Prediction": [swanlab.Image(path, caption=caption) for path, caption in zip(test_images, captions)]})
+    swanlab.finish()
+
+
+if __name__ == "__main__":
+    run_script(main)
