@@ -1,0 +1,111 @@
+"""Shared test fixtures: a tiny Qwen2-VL, synthetic images, a local HTTP server, and a way to run the scripts."""
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter
+
+import pytest
+from PIL import Image, ImageColor
+
+from tiny_qwen2vl import build_tiny_qwen2vl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Distinct solid colours with short captions the tiny model can learn.
+COLOR_CAPTIONS = {
+    "red": "a red square on a table",
+    "green": "a green field under the sky",
+    "blue": "a blue boat on the water",
+    "yellow": "a yellow cat sleeping",
+    "white": "a white wall",
+    "black": "a black night",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny_qwen2vl(str(tmp_path_factory.mktemp("tiny_qwen2vl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_model):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model)
+
+
+def run(script, *args, cwd, timeout=600):
+    """Run one of the four scripts as a user would: a subprocess with --name=value settings."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, script), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def make_imagefolder(folder, captions=COLOR_CAPTIONS, size=(64, 48)):
+    """An imagefolder: one solid-colour PNG per name (the colour of that name, if it is one) plus metadata.jsonl."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as file:
+        for number, (name, caption) in enumerate(captions.items()):
+            try:
+                color = ImageColor.getrgb(name)
+            except ValueError:
+                color = (40 * number % 256, 90 * number % 256, 150 * number % 256)
+            Image.new("RGB", size, color).save(os.path.join(folder, f"{name}.png"))
+            file.write(json.dumps({"file_name": f"{name}.png", "caption": caption}) + "\n")
+    return str(folder)
+
+
+class FileServer:
+    """A local HTTP server on 127.0.0.1 serving bytes by path, counting requests.
+
+    `failures[path]` is a list of HTTP status codes answered before the real file; `hold` is a set of paths whose
+    requests wait until `release` is set.
+    """
+
+    def __init__(self):
+        self.files, self.failures, self.hold = {}, {}, set()
+        self.requests = Counter()
+        self.release = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests[self.path] += 1
+                if self.path in server.hold:
+                    server.release.wait(timeout=60)
+                failures = server.failures.get(self.path)
+                if failures:
+                    self.send_error(failures.pop(0))
+                elif self.path in server.files:
+                    body = server.files[self.path]
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                else:
+                    self.send_error(404)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def file_server():
+    server = FileServer()
+    yield server
+    server.close()
