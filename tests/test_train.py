@@ -1,0 +1,113 @@
+"""train.py's parts: split by image, the label mask, the collator with mixed image sizes, skipping long samples."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from captioning import PipelineError, read_conversations
+
+
+def sample(image_path, caption, prompt="COCO Yes:"):
+    return {"image_path": image_path, "prompt": prompt, "caption": caption}
+
+
+def test_split_holds_out_the_last_distinct_images_with_all_their_captions():
+    samples = [sample("a", "1"), sample("b", "2"), sample("a", "3"), sample("c", "4"), sample("d", "5"),
+               sample("c", "6"), sample("b", "7")]
+    train_part, test_part = train.split_by_image(samples, test_size=2)
+    assert [s["caption"] for s in test_part] == ["4", "5", "6"]  # images c and d, every caption of them
+    assert [s["caption"] for s in train_part] == ["1", "2", "3", "7"]
+    assert not {s["image_path"] for s in train_part} & {s["image_path"] for s in test_part}
+
+    with pytest.raises(PipelineError, match="4 distinct images, but test_size=4"):
+        train.split_by_image(samples, test_size=4)
+
+
+def test_reads_the_prompt_and_image_from_the_recipe_json(tmp_path):
+    entries = [{"id": "identity_1", "conversations": [
+        {"from": "user", "value": "COCO Yes: <|vision_start|>/data/x.jpg<|vision_end|>"},
+        {"from": "assistant", "value": "A cat."}]}]
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    [read] = read_conversations(str(tmp_path / "data.json"))
+    assert (read["image_path"], read["prompt"], read["caption"]) == ("/data/x.jpg", "COCO Yes:", "A cat.")
+
+
+def test_only_the_caption_and_end_of_turn_are_supervised(tiny_processor):
+    tokenizer = tiny_processor.tokenizer
+    caption = "a red square on a table"
+    encoded = train.encode_sample(tiny_processor, Image.new("RGB", (56, 56), "red"), "COCO Yes:", caption)
+
+    expected = tokenizer(caption, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    labels, input_ids = encoded["labels"].tolist(), encoded["input_ids"].tolist()
+    prompt_length = len(labels) - len(expected)
+    assert labels == [-100] * prompt_length + expected
+    assert input_ids[prompt_length:] == expected
+    prompt = tokenizer.decode(input_ids[:prompt_length])
+    assert prompt.endswith("COCO Yes:<|im_end|>\n<|im_start|>assistant\n")
+    assert input_ids.count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 4  # 56x56: 4x4 patches merged 2x2
+    assert len(encoded["attention_mask"]) == len(input_ids) == len(encoded["mm_token_type_ids"])
+
+
+def per_sample_losses(model, batch):
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    token_losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    mask = labels != -100
+    return (token_losses * mask).sum(1) / mask.sum(1)
+
+
+def test_a_batch_of_two_image_sizes_gives_each_sample_its_own_loss(tiny_model, tiny_processor):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model).eval()
+    collate = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)
+    small = train.encode_sample(tiny_processor, Image.new("RGB", (56, 56), "red"), "COCO Yes:", "a red square")
+    large = train.encode_sample(tiny_processor, Image.new("RGB", (112, 84), "blue"), "COCO Yes:",
+                                "a blue boat on the water, far away")
+    batch = collate([small, large])
+    assert batch["pixel_values"].shape[0] == small["pixel_values"].shape[0] + large["pixel_values"].shape[0]
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 6, 8]]  # (frames, rows, columns) of 14px patches
+
+    with torch.no_grad():
+        together = per_sample_losses(model, batch)
+        alone = [model(**collate([s])).loss for s in (small, large)]
+    assert together.tolist() == pytest.approx([loss.item() for loss in alone], abs=1e-5)
+
+
+def test_samples_too_long_or_without_image_are_skipped_and_reported(tmp_path, tiny_processor):
+    image = str(tmp_path / "a.jpg")
+    Image.new("RGB", (56, 56)).save(image)
+    prompt_length = train.prompt_inputs(tiny_processor, Image.new("RGB", (56, 56)), "COCO Yes:")["input_ids"].shape[1]
+    short = "a cat"
+    max_length = prompt_length + len(train.answer_token_ids(tiny_processor, "COCO Yes:", short))
+    dataset = train.CaptionDataset(
+        [sample(image, short), sample(image, "a very long caption " * 20), sample(str(tmp_path / "gone.jpg"), short)],
+        tiny_processor, image_size=56, max_length=max_length,
+    )
+    assert [s["caption"] for s in dataset.samples] == [short]
+    assert len(dataset[0]["input_ids"]) == max_length
+    long_length = max_length - len(train.answer_token_ids(tiny_processor, "COCO Yes:", short)) + len(
+        train.answer_token_ids(tiny_processor, "COCO Yes:", "a very long caption " * 20))
+    assert dataset.skipped[0] == f"{long_length} tokens > max_length={max_length}: {image}"
+    assert dataset.skipped[1] == f"image not found: {tmp_path}/gone.jpg"
+
+
+def test_lora_adapts_only_the_language_model(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
+    lora = get_peft_model(model, LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=4))
+    adapted = {name for name, _ in lora.named_modules() if name.endswith("lora_A")}
+    assert adapted and all(".language_model." in name for name in adapted)
+    assert len(adapted) == 2 * len(train.LORA_TARGET_MODULES)  # every projection of both tiny layers
+
+
+def test_swanlab_modes():
+    assert train.swanlab_run_mode("cloud") == "online"
+    assert train.swanlab_run_mode("local") == "local"
+    assert train.swanlab_run_mode("disabled") == "disabled"
+    with pytest.raises(PipelineError, match="use auto, cloud, local, offline or disabled"):
+        train.swanlab_run_mode("loud")
