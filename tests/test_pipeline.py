@@ -1,0 +1,86 @@
+"""The four scripts in sequence, as a user runs them, on the tiny model: the model learns the captions."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from conftest import COLOR_CAPTIONS, make_imagefolder, run
+
+TRAINED = ["red", "green", "blue", "yellow"]  # the last two colours, white and black, are held out (test_size=2)
+
+
+def check(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("pipeline")
+    folder = make_imagefolder(work / "source")
+    check(run("data2csv.py", f"--source={folder}", cwd=work))
+    check(run("csv2json.py", cwd=work))
+    training = check(run(
+        "train.py", f"--model={tiny_model}", "--test_size=2", "--image_size=56", "--max_steps=150",
+        "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
+        "--logging_steps=10", "--save_steps=100", "--swanlab_mode=local", cwd=work,
+    ))
+    return work, training
+
+
+def test_each_step_writes_what_the_next_one_reads(trained_run):
+    work, training = trained_run
+    assert len(os.listdir(work / "coco_2014_caption")) == 6
+    conversations = json.loads((work / "data_vl.json").read_text())
+    assert len(conversations) == 6
+    train_images = {c["conversations"][0]["value"] for c in json.loads((work / "data_vl_train.json").read_text())}
+    test_images = {c["conversations"][0]["value"] for c in json.loads((work / "data_vl_test.json").read_text())}
+    assert len(train_images) == 4 and len(test_images) == 2 and not train_images & test_images
+
+    output = work / "output" / "Qwen2-VL-2B"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "run_config.json", "tokenizer.json",
+                 "processor_config.json", "chat_template.jinja"):
+        assert (output / name).is_file(), name
+    assert sorted(p for p in os.listdir(output) if p.startswith("checkpoint-")) == ["checkpoint-100", "checkpoint-150"]
+    run_config = json.loads((output / "run_config.json").read_text())
+    assert (run_config["prompt"], run_config["image_size"], run_config["learning_rate"]) == ("COCO Yes:", 56, 5e-3)
+    assert os.path.isdir(work / "swanlog") and os.listdir(work / "swanlog")  # SwanLab's local run data
+
+    # after training, the held-out images are captioned and printed, as the recipe does
+    for color in ("white", "black"):
+        assert f"coco_2014_caption/{color}.jpg: " in training.stdout
+
+
+def test_training_lowers_the_loss(trained_run):
+    work, _ = trained_run
+    state = json.loads((work / "output" / "Qwen2-VL-2B" / "checkpoint-150" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(losses) == 16  # step 1, then every 10 steps
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_infer_returns_exactly_the_trained_captions(trained_run):
+    work, _ = trained_run
+    images = ",".join(str(work / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED)
+    result = check(run("infer.py", f"--images={images}", "--batch_size=3", cwd=work))
+    records = [json.loads(line) for line in (work / "predictions.jsonl").read_text().splitlines()]
+    assert [(os.path.basename(r["image_path"]), r["caption"]) for r in records] == [
+        (f"{color}.jpg", COLOR_CAPTIONS[color]) for color in TRAINED
+    ]
+    assert f"{images.split(',')[0]}: {COLOR_CAPTIONS['red']}" in result.stdout
+
+
+def test_infer_defaults_to_the_held_out_images_and_survives_bad_ones(trained_run):
+    work, _ = trained_run
+    check(run("infer.py", "--output_path=held_out.jsonl", cwd=work))
+    records = [json.loads(line) for line in (work / "held_out.jsonl").read_text().splitlines()]
+    assert [os.path.basename(r["image_path"]) for r in records] == ["white.jpg", "black.jpg"]
+
+    (work / "broken.jpg").write_bytes(b"not a jpeg")
+    result = check(run("infer.py", "--images=missing.jpg,broken.jpg,coco_2014_caption/red.jpg",
+                       "--output_path=mixed.jsonl", "--checkpoint=output/Qwen2-VL-2B/checkpoint-150", cwd=work))
+    assert "skipped: image not found: missing.jpg" in result.stdout
+    assert "skipped: cannot read image broken.jpg" in result.stdout
+    records = [json.loads(line) for line in (work / "mixed.jsonl").read_text().splitlines()]
+    assert records == [{"image_path": "coco_2014_caption/red.jpg", "caption": COLOR_CAPTIONS["red"]}]
