@@ -1,0 +1,28 @@
+# Two commands do all the set-up:
+#   make pipeline   installs the pipeline into .venv and runs the four steps with their default settings
+#   make test       installs the pipeline and pytest into .venv and runs the offline test suite
+PYTHON ?= python3
+SOURCE ?= modelscope  # data2csv.py's source: modelscope | coco | hf:<dataset id> | a local imagefolder
+TRAIN_ARGS ?=         # extra train.py settings, e.g. TRAIN_ARGS="--num_train_epochs=1"
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: pipeline test
+pipeline: $(VENV)/.pipeline-installed
+	$(BIN)/python data2csv.py --source=$(strip $(SOURCE))
+	$(BIN)/python csv2json.py
+	$(BIN)/python train.py $(TRAIN_ARGS)
+	$(BIN)/python infer.py
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest
+
+$(VENV)/.pipeline-installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.test-installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -r requirements-dev.txt
+	touch $@ $(VENV)/.pipeline-installed
