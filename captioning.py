@@ -26,7 +26,7 @@ def run_script(main):
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: finished files are kept; run the same command again to continue", file=sys.stderr)
+        print("interrupted: the files already finished are kept, and none is left half-written", file=sys.stderr)
         sys.exit(130)
 
 
@@ -132,6 +132,17 @@ def load_image(path, image_size):
     except (UnidentifiedImageError, OSError) as error:
         raise PipelineError(f"cannot read image {path}: {error}") from None
     return image.resize((image_size, image_size), Image.BICUBIC)
+
+
+def load_images(paths, image_size):
+    """(path, image) for every image that loads; each one that does not is named and skipped."""
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append((path, load_image(path, image_size)))
+        except PipelineError as error:
+            print(f"skipped: {error}")
+    return loaded
 
 
 def build_messages(image, prompt, caption=None):

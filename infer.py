@@ -16,7 +16,7 @@ from captioning import (
     PipelineError,
     atomic_write,
     generate_captions,
-    load_image,
+    load_images,
     load_model_and_processor,
     parse_settings,
     read_conversations,
@@ -87,14 +87,7 @@ def main(argv=()):
     if not image_paths:
         raise PipelineError("no image to caption: set --images to image paths or globs")
 
-    loaded, failed = [], []
-    for path in image_paths:
-        try:
-            loaded.append((path, load_image(path, run_config["image_size"])))
-        except PipelineError as error:
-            failed.append(str(error))
-    for message in failed:
-        print(f"skipped: {message}")
+    loaded = load_images(image_paths, run_config["image_size"])
     if not loaded:
         raise PipelineError(f"none of the {len(image_paths)} images could be read")
 

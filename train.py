@@ -21,9 +21,10 @@ from captioning import (
     device_and_dtype,
     generate_captions,
     load_image,
+    load_images,
     load_model_and_processor,
-    read_conversations,
     parse_settings,
+    read_conversations,
     run_script,
     write_json,
 )
@@ -201,6 +202,10 @@ def report_skipped(skipped, what):
 
 
 def main(argv=()):
+    if "WORLD_SIZE" not in os.environ:
+        # One process trains on one GPU: with several visible, Trainer would wrap the model in DataParallel,
+        # which splits the concatenated pixel_values of a batch across GPUs out of step with their images.
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
     cfg = parse_settings(globals(), argv)
     if cfg.image_size <= 0 or cfg.image_size % 28:
         raise PipelineError(f"--image_size={cfg.image_size}: use a positive multiple of 28 (14-pixel patches, merged 2x2)")
@@ -219,6 +224,11 @@ def main(argv=()):
     from swanlab.integration.transformers import SwanLabCallback
     from transformers import Trainer, TrainingArguments, set_seed
 
+    if torch.cuda.device_count() > 1 and "WORLD_SIZE" not in os.environ:
+        raise PipelineError(
+            f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} shows several GPUs to one process: "
+            "set it to one GPU, e.g. CUDA_VISIBLE_DEVICES=0"
+        )
     set_seed(cfg.seed)
     base_model, processor = load_model_and_processor(cfg.model)
     dataset = CaptionDataset(train_samples, processor, cfg.image_size, cfg.max_length)
@@ -277,15 +287,13 @@ def main(argv=()):
     processor.save_pretrained(cfg.output_dir)
     print(f"saved the adapter, processor and {RUN_CONFIG} to {cfg.output_dir}")
 
-    test_images = list(dict.fromkeys(sample["image_path"] for sample in test_samples))
+    test_images = load_images(dict.fromkeys(sample["image_path"] for sample in test_samples), cfg.image_size)
     lora_model.eval()
-    captions = generate_captions(
-        lora_model, processor, [load_image(path, cfg.image_size) for path in test_images], prompt,
-        cfg.max_new_tokens, batch_size=cfg.per_device_train_batch_size,
-    )
-    for path, caption in zip(test_images, captions):
+    captions = generate_captions(lora_model, processor, [image for _, image in test_images], prompt,
+                                 cfg.max_new_tokens, batch_size=cfg.per_device_train_batch_size)
+    for (path, _), caption in zip(test_images, captions):
         print(f"{path}: {caption}")
-    swanlab.log({"Prediction": [swanlab.Image(path, caption=caption) for path, caption in zip(test_images, captions)]})
+    swanlab.log({"Prediction": [swanlab.Image(path, caption=caption) for (path, _), caption in zip(test_images, captions)]})
     swanlab.finish()
 
 

@@ -62,7 +62,7 @@ COCO_CAPTIONS = [(1, "A red thing."), (2, "A gray thing."), (1, "Red, again."), 
 
 
 def coco_args(tmp_path, url, *extra):
-    return [f"--source=coco", f"--coco_annotations={url}", f"--image_dir={tmp_path}/images",
+    return ["--source=coco", f"--coco_annotations={url}", f"--image_dir={tmp_path}/images",
             f"--csv_path={tmp_path}/data.csv", f"--download_dir={tmp_path}/downloads", "--max_data_number=5", *extra]
 
 

@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-from PIL import Image
 
 from conftest import COLOR_CAPTIONS, make_imagefolder, run
 
