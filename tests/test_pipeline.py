@@ -1,8 +1,10 @@
 """The four scripts in sequence, as a user runs them, on the tiny model: the model learns the captions."""
+import glob
 import json
 import os
 
 import pytest
+import yaml
 
 from conftest import COLOR_CAPTIONS, make_imagefolder, run
 
@@ -44,7 +46,13 @@ def test_each_step_writes_what_the_next_one_reads(trained_run):
     assert sorted(p for p in os.listdir(output) if p.startswith("checkpoint-")) == ["checkpoint-100", "checkpoint-150"]
     run_config = json.loads((output / "run_config.json").read_text())
     assert (run_config["prompt"], run_config["image_size"], run_config["learning_rate"]) == ("COCO Yes:", 56, 5e-3)
-    assert os.path.isdir(work / "swanlog") and os.listdir(work / "swanlog")  # SwanLab's local run data
+    # SwanLab's local run holds the settings used and the held-out images with their generated captions
+    [swanlab_run] = glob.glob(str(work / "swanlog" / "run-*"))
+    config = yaml.safe_load(open(os.path.join(swanlab_run, "files", "config.yaml")))
+    assert (config["lora_dropout"]["value"], config["prompt"]["value"]) == (0.05, "COCO Yes:")
+    media = [json.loads(line) for path in glob.glob(os.path.join(swanlab_run, "logs", "*", "*.log"))
+             for line in open(path) if '"caption"' in line]
+    assert len(media) == 1 and len(media[0]["data"]) == 2 and all(item["caption"] for item in media[0]["more"])
 
     # after training, the held-out images are captioned and printed, as the recipe does
     for color in ("white", "black"):
