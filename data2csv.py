@@ -271,7 +271,8 @@ def main(argv=()):
     if empty_captions:
         print(f"skipped {empty_captions} rows with an empty caption")
     if not rows:
-        raise PipelineError(f"no image/caption pair could be saved from {cfg.source}: {summary(failed)}")
+        reason = summary(failed) if failed else "the source gave no row with a caption"
+        raise PipelineError(f"no image/caption pair could be saved from {cfg.source}: {reason}")
     with atomic_write(cfg.csv_path, encoding="utf-8", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["image_path", "caption", "image_id"])
         writer.writeheader()

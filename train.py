@@ -11,6 +11,7 @@ import os
 from collections import Counter
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from captioning import (
@@ -54,6 +55,7 @@ seed = 42
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE_INDEX = -100  # label value the loss skips
+IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # per image, not per token: joined across a batch, never padded
 
 
 # ----------------------------------------------------------------------------- data
@@ -94,13 +96,12 @@ def encode_sample(processor, image, prompt, caption):
     """Token ids, labels and image tensors for one sample: only the caption and END_OF_TURN are supervised."""
     inputs = prompt_inputs(processor, image, prompt)
     answer = torch.tensor(answer_token_ids(processor, prompt, caption))
-    sample = {}
-    for key, value in inputs.items():
-        if key in ("pixel_values", "image_grid_thw"):
-            sample[key] = value
-        else:  # per-token rows: input_ids, attention_mask, and extras such as mm_token_type_ids (0 for text)
-            answer_values = {"input_ids": answer, "attention_mask": torch.ones_like(answer)}.get(key)
-            sample[key] = torch.cat([value[0], torch.zeros_like(answer) if answer_values is None else answer_values])
+    # per-token rows get the answer appended: its ids, mask 1, and 0 in extras such as mm_token_type_ids (text)
+    answer_rows = {"input_ids": answer, "attention_mask": torch.ones_like(answer)}
+    sample = {
+        key: value if key in IMAGE_KEYS else torch.cat([value[0], answer_rows.get(key, torch.zeros_like(answer))])
+        for key, value in inputs.items()
+    }
     sample["labels"] = torch.cat([torch.full_like(inputs["input_ids"][0], IGNORE_INDEX), answer])
     return sample
 
@@ -110,7 +111,7 @@ class CaptionDataset(Dataset):
 
     def __init__(self, samples, processor, image_size, max_length):
         self.processor, self.image_size = processor, image_size
-        blank = load_blank_image(image_size)
+        blank = Image.new("RGB", (image_size, image_size))  # all images share this size, so a prompt's length
         prompt_lengths = {}
         self.samples, self.skipped = [], []
         for sample in samples:
@@ -118,7 +119,7 @@ class CaptionDataset(Dataset):
                 self.skipped.append(f"image not found: {sample['image_path']}")
                 continue
             prompt = sample["prompt"]
-            if prompt not in prompt_lengths:
+            if prompt not in prompt_lengths:  # ... depends only on its text
                 prompt_lengths[prompt] = prompt_inputs(processor, blank, prompt)["input_ids"].shape[1]
             length = prompt_lengths[prompt] + len(answer_token_ids(processor, prompt, sample["caption"]))
             if length > max_length:
@@ -135,12 +136,6 @@ class CaptionDataset(Dataset):
         return encode_sample(self.processor, image, sample["prompt"], sample["caption"])
 
 
-def load_blank_image(image_size):
-    from PIL import Image
-
-    return Image.new("RGB", (image_size, image_size))
-
-
 class CaptionCollator:
     """Pads token sequences on the right and joins the images: pixel_values are concatenated patch rows and
     image_grid_thw is stacked, so images of different sizes each keep their own patch count."""
@@ -153,7 +148,7 @@ class CaptionCollator:
         longest = max(len(sample["input_ids"]) for sample in samples)
         for key in samples[0]:
             values = [sample[key] for sample in samples]
-            if key in ("pixel_values", "image_grid_thw"):
+            if key in IMAGE_KEYS:
                 batch[key] = torch.cat(values)
             else:
                 padded = torch.full((len(values), longest), self.pad_values.get(key, 0), dtype=values[0].dtype)
