@@ -71,8 +71,8 @@ def modelscope_rows(cfg):
     except Exception as error:
         raise PipelineError(
             f"loading {cfg.modelscope_dataset} (subset {cfg.modelscope_subset}, split {cfg.split}) from ModelScope "
-            f"failed: {type(error).__name__}: {error}. This download is broken upstream for current versions "
-            f"(modelscope issues 1252 and 1769); {SOURCE_HELP}"
+            f"failed: {type(error).__name__}: {error}. If your network is fine, this is the known upstream breakage "
+            f"of this dataset (modelscope issues 1252 and 1769); {SOURCE_HELP}"
         ) from None
 
 
