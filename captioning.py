@@ -19,15 +19,30 @@ class PipelineError(Exception):
 
 
 def run_script(main):
-    """Run a script's main(argv) the way a user meets it: clear one-line errors and exit codes."""
+    """Run a script's main(argv) the way a user meets it: a one-paragraph message and a non-zero exit on failure,
+    the traceback only with --debug=true."""
+    argv = sys.argv[1:]
     try:
-        main(sys.argv[1:])
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        main(argv)
     except KeyboardInterrupt:
         print("interrupted: the files already finished are kept, and none is left half-written", file=sys.stderr)
         sys.exit(130)
+    except Exception as error:
+        if debug_requested(main, argv):
+            raise
+        if isinstance(error, PipelineError):
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            print(f"error: unexpected {type(error).__name__}: {error}\n(run again with --debug=true to see where "
+                  "it happened, and report it with that traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+def debug_requested(main, argv):
+    try:
+        return parse_settings(main.__globals__, argv).debug
+    except PipelineError:
+        return False
 
 
 # ----------------------------------------------------------------------------- settings
@@ -120,16 +135,31 @@ def read_conversations(path):
 
 # ----------------------------------------------------------------------------- images and messages
 
+def to_rgb(image):
+    """An 8-bit RGB copy of any PIL image: upright per its EXIF, 16-bit scaled (not clipped), transparency on white."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGB", image.size, "white")
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
 def load_image(path, image_size):
     """An RGB image resized to image_size x image_size, the size training used."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = to_rgb(image)
     except FileNotFoundError:
         raise PipelineError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise PipelineError(f"cannot read image {path}: {error}") from None
     return image.resize((image_size, image_size), Image.BICUBIC)
 

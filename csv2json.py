@@ -14,6 +14,7 @@ from captioning import PipelineError, parse_settings, run_script, write_json
 csv_path = "coco-2024-dataset.csv"  # needs columns image_path and caption; relative paths are read from its folder
 json_path = "data_vl.json"
 prompt = "COCO Yes:"  # the text the user turn sends with each image
+debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
 REQUIRED_COLUMNS = ("image_path", "caption")

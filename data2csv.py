@@ -21,15 +21,17 @@ import urllib.request
 import zipfile
 from typing import Callable, NamedTuple
 
+from PIL import Image
 from tqdm import tqdm
 
-from captioning import PipelineError, atomic_write, parse_settings, run_script
+from captioning import PipelineError, atomic_write, parse_settings, run_script, to_rgb
 
 # ----------------------------------------------------------------------------- settings
 source = "modelscope"  # modelscope | coco | hf:<dataset id> | path to a local imagefolder
 max_data_number = 500  # how many image/caption rows to take from the start of the source
 image_dir = "coco_2014_caption"  # images are saved here as {image_id}.jpg
 csv_path = "coco-2024-dataset.csv"
+max_image_side = 2048  # larger images are downscaled to fit (COCO's are at most 640); PIL refuses > 178 megapixels
 split = "train"  # dataset split; for coco: train or val (COCO 2014)
 modelscope_dataset = "modelscope/coco_2014_caption"
 modelscope_subset = "coco_2014_caption"
@@ -40,6 +42,7 @@ caption_column = "caption"
 image_id_column = "image_id"  # optional: the row number is used when a dataset has no such column
 timeout = 30  # seconds before one HTTP request is given up
 retries = 3  # further tries of a failed HTTP request, waiting 1 s, 2 s, 4 s, ... in between
+debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
 SOURCE_HELP = (
@@ -214,21 +217,24 @@ def download_file(url, cfg):
 
 # ----------------------------------------------------------------------------- images
 
-def save_rgb_jpeg(image_or_bytes, path):
-    """Save an image as an RGB JPEG, keeping an RGB JPEG's bytes as they are; raises OSError if it does not decode."""
-    from PIL import Image
+def save_rgb_jpeg(image_or_bytes, path, max_side):
+    """Save an image as an RGB JPEG no larger than max_side, keeping a fitting RGB JPEG's bytes as they are.
 
+    Raises OSError (or PIL's DecompressionBombError) for an image that does not decode; nothing is saved then.
+    """
     if isinstance(image_or_bytes, bytes):
         image = Image.open(io.BytesIO(image_or_bytes))
-        image.load()  # decodes fully, so a truncated file fails here and is never saved
-        if image.format == "JPEG" and image.mode == "RGB":
+        image.load()  # decodes fully, so a truncated file fails here
+        if image.format == "JPEG" and image.mode == "RGB" and max(image.size) <= max_side:
             with atomic_write(path, "wb") as file:
                 file.write(image_or_bytes)
             return
     else:
         image = image_or_bytes
+    image = to_rgb(image)
+    image.thumbnail((max_side, max_side), Image.LANCZOS)
     with atomic_write(path, "wb") as file:
-        image.convert("RGB").save(file, format="JPEG", quality=95)
+        image.save(file, format="JPEG", quality=95)
 
 
 def image_file_name(image_id):
@@ -259,8 +265,8 @@ def main(argv=()):
                 reused.add(image_path)
             else:
                 try:
-                    save_rgb_jpeg(row.fetch_image(), image_path)
-                except (DownloadError, OSError) as error:
+                    save_rgb_jpeg(row.fetch_image(), image_path, cfg.max_image_side)
+                except (DownloadError, OSError, Image.DecompressionBombError) as error:
                     failed[row.image_id] = str(error)
                     continue
                 fetched.add(image_path)

@@ -31,6 +31,7 @@ images = ""  # comma-separated image paths or globs; empty: the held-out test im
 batch_size = 8
 max_new_tokens = 128
 output_path = "predictions.jsonl"
+debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
 ADAPTER_FILE = "adapter_config.json"

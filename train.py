@@ -51,6 +51,7 @@ max_new_tokens = 128  # for the held-out captions generated after training
 swanlab_mode = "auto"  # auto (cloud when logged in, else local) | cloud | local | offline | disabled
 swanlab_project = "Qwen2-VL-finetune"
 seed = 42
+debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
