@@ -6,6 +6,7 @@ Each row becomes {"id": "identity_N", "conversations": [user: "COCO Yes: <|visio
 assistant: CAPTION]}. Rows whose image file is missing or whose caption is empty are skipped and reported.
 """
 import csv
+import io
 import os
 
 from captioning import PipelineError, parse_settings, run_script, write_json
@@ -21,20 +22,27 @@ REQUIRED_COLUMNS = ("image_path", "caption")
 
 
 def read_rows(path):
+    """The CSV's rows as dicts; a byte-order mark is fine, other encodings and missing columns are clear errors."""
     try:
-        with open(path, encoding="utf-8-sig", newline="") as file:
-            reader = csv.DictReader(file)
-            rows = list(reader)
-            columns = reader.fieldnames or []
+        with open(path, "rb") as file:
+            raw = file.read()
     except FileNotFoundError:
         raise PipelineError(f"CSV not found: {path}; run data2csv.py first or set --csv_path") from None
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise PipelineError(f"{path} is not UTF-8 text ({error}); save it as UTF-8 CSV") from None
-    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
-    if missing:
+        line = raw[: error.start].count(b"\n") + 1
         raise PipelineError(
-            f"{path} lacks the column(s) {', '.join(missing)}; it has {', '.join(columns) or 'no header'}"
-        )
+            f"{path}, line {line}, is not UTF-8 text (byte {raw[error.start]:#04x}): save the CSV as UTF-8 "
+            "(in Excel: \"CSV UTF-8\"; in LibreOffice: character set Unicode (UTF-8))"
+        ) from None
+    if not text.strip():
+        raise PipelineError(f"{path} is empty: it needs a header with image_path and caption, and one row per caption")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = list(reader)
+    missing = [column for column in REQUIRED_COLUMNS if column not in reader.fieldnames]
+    if missing:
+        raise PipelineError(f"{path} lacks the column(s) {', '.join(missing)}; it has {', '.join(reader.fieldnames)}")
     return rows
 
 

@@ -78,8 +78,11 @@ def expand_images(spec):
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
     checkpoint_dir = cfg.checkpoint or newest_checkpoint(cfg.output_dir)
-    if not os.path.isfile(os.path.join(checkpoint_dir, ADAPTER_FILE)):
-        raise PipelineError(f"{checkpoint_dir} holds no {ADAPTER_FILE}: set --checkpoint to a folder saved by train.py")
+    if not os.path.isdir(checkpoint_dir):
+        raise PipelineError(f"checkpoint folder not found: {checkpoint_dir}; set --checkpoint to a folder saved by train.py")
+    for name in (ADAPTER_FILE, "adapter_model.safetensors"):  # safetensors only: a pickled .bin could run code
+        if not os.path.isfile(os.path.join(checkpoint_dir, name)):
+            raise PipelineError(f"{checkpoint_dir} has no {name}: set --checkpoint to an adapter saved by train.py")
     run_config = read_run_config(checkpoint_dir)
     if cfg.images:
         image_paths = expand_images(cfg.images)

@@ -7,7 +7,11 @@ Holds out the last test_size distinct images (data_vl_test.json), trains on the 
 checkpoints and the final adapter with the processor files and run_config.json in output_dir, then captions the
 held-out images and logs them to SwanLab.
 """
+import glob
+import json
 import os
+import re
+import shutil
 from collections import Counter
 
 import torch
@@ -48,6 +52,7 @@ max_length = 8192  # samples with more tokens are skipped, never cut through the
 logging_steps = 10
 save_steps = 100
 max_new_tokens = 128  # for the held-out captions generated after training
+resume = "auto"  # auto: continue an interrupted run from its newest checkpoint in output_dir | never: start afresh
 swanlab_mode = "auto"  # auto (cloud when logged in, else local) | cloud | local | offline | disabled
 swanlab_project = "Qwen2-VL-finetune"
 seed = 42
@@ -56,6 +61,8 @@ debug = False  # show the full traceback of a failure
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE_INDEX = -100  # label value the loss skips
+ADAPTER_CONFIG = "adapter_config.json"  # peft writes it after the weights: its presence marks a complete adapter
+TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint: its presence marks a complete one
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # per image, not per token: joined across a batch, never padded
 
 
@@ -197,6 +204,68 @@ def report_skipped(skipped, what):
             print(f"  ... and {len(skipped) - 5} more")
 
 
+def newest_complete_checkpoint(output_dir):
+    """The checkpoint-N with the highest step that Trainer finished writing, or None."""
+    steps = {}
+    for folder in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        step = re.search(r"checkpoint-(\d+)$", folder)
+        if step and os.path.isfile(os.path.join(folder, TRAINER_STATE)):
+            steps[int(step.group(1))] = folder
+    return steps[max(steps)] if steps else None
+
+
+# settings that may change when a run is resumed: they do not shape the training itself
+RESUMABLE_CHANGES = {"resume", "debug", "swanlab_mode", "max_new_tokens", "logging_steps"}
+
+
+def resume_point(cfg):
+    """The checkpoint to continue from, or None to start afresh; a finished run is never silently replaced."""
+    finished = os.path.isfile(os.path.join(cfg.output_dir, ADAPTER_CONFIG))
+    checkpoint = newest_complete_checkpoint(cfg.output_dir)
+    if cfg.resume == "never":
+        if finished or checkpoint:
+            print(f"resume=never: replacing the earlier run in {cfg.output_dir}")
+            for folder in glob.glob(os.path.join(cfg.output_dir, "checkpoint-*")):
+                shutil.rmtree(folder)
+            if finished:
+                os.remove(os.path.join(cfg.output_dir, ADAPTER_CONFIG))
+        return None
+    if cfg.resume != "auto":
+        raise PipelineError(f"--resume={cfg.resume}: use auto or never")
+    if finished:
+        raise PipelineError(
+            f"{cfg.output_dir} already holds a finished training run. To keep it, choose another --output_dir; "
+            "to train again and replace it, add --resume=never"
+        )
+    if checkpoint:
+        earlier = {}
+        if os.path.isfile(os.path.join(cfg.output_dir, RUN_CONFIG)):
+            with open(os.path.join(cfg.output_dir, RUN_CONFIG), encoding="utf-8") as file:
+                earlier = json.load(file)
+        changed = sorted(name for name, value in vars(cfg).items()
+                         if name not in RESUMABLE_CHANGES and name in earlier and earlier[name] != value
+                         and not (name == "model" and earlier[name] == os.path.abspath(value)))
+        if changed:
+            raise PipelineError(
+                f"{cfg.output_dir} holds an interrupted run with other settings ({', '.join(changed)} differ), "
+                "so it cannot be continued: use the same settings, another --output_dir, or --resume=never"
+            )
+        print(f"resuming the interrupted run from {checkpoint}")
+    return checkpoint
+
+
+def save_final_adapter(trainer, processor, output_dir):
+    """Save the adapter and processor files so that an interruption never leaves a half-written adapter behind:
+    everything is written to a staging folder, then moved in with adapter_config.json last."""
+    staging = os.path.join(output_dir, "final-adapter.part")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(staging)
+    processor.save_pretrained(staging)
+    for name in sorted(os.listdir(staging), key=lambda name: name == ADAPTER_CONFIG):
+        os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    os.rmdir(staging)
+
+
 def main(argv=()):
     if "WORLD_SIZE" not in os.environ:
         # One process trains on one GPU: with several visible, Trainer would wrap the model in DataParallel,
@@ -206,6 +275,7 @@ def main(argv=()):
     if cfg.image_size <= 0 or cfg.image_size % 28:
         raise PipelineError(f"--image_size={cfg.image_size}: use a positive multiple of 28 (14-pixel patches, merged 2x2)")
     mode = swanlab_run_mode(cfg.swanlab_mode)
+    resume_from = resume_point(cfg)
 
     samples = read_conversations(cfg.json_path)
     train_samples, test_samples = split_by_image(samples, cfg.test_size)
@@ -278,9 +348,8 @@ def main(argv=()):
         processing_class=processor,  # so every checkpoint folder also holds the processor files
         callbacks=[SwanLabCallback()],
     )
-    trainer.train()
-    trainer.save_model(cfg.output_dir)
-    processor.save_pretrained(cfg.output_dir)
+    trainer.train(resume_from_checkpoint=resume_from)
+    save_final_adapter(trainer, processor, cfg.output_dir)
     print(f"saved the adapter, processor and {RUN_CONFIG} to {cfg.output_dir}")
 
     test_images = load_images(dict.fromkeys(sample["image_path"] for sample in test_samples), cfg.image_size)
