@@ -173,8 +173,8 @@ def open_source(cfg):
 
 # ----------------------------------------------------------------------------- downloads
 
-class DownloadError(Exception):
-    pass
+class ImageUnavailable(Exception):
+    """An image that cannot be had: its download failed, or its bytes do not decode."""
 
 
 def http_get(url, cfg):
@@ -185,13 +185,13 @@ def http_get(url, cfg):
                 return response.read()
         except urllib.error.HTTPError as error:
             if error.code < 500 and error.code != 429:
-                raise DownloadError(f"HTTP {error.code} for {url}") from None
+                raise ImageUnavailable(f"HTTP {error.code} for {url}") from None
             problem = f"HTTP {error.code}"
         except (urllib.error.URLError, OSError) as error:
             problem = str(getattr(error, "reason", error))
         if attempt < cfg.retries:
             time.sleep(2**attempt)
-    raise DownloadError(f"{url} failed {cfg.retries + 1} times, last with {problem}")
+    raise ImageUnavailable(f"{url} failed {cfg.retries + 1} times, last with {problem}")
 
 
 def download_file(url, cfg):
@@ -220,11 +220,14 @@ def download_file(url, cfg):
 def save_rgb_jpeg(image_or_bytes, path, max_side):
     """Save an image as an RGB JPEG no larger than max_side, keeping a fitting RGB JPEG's bytes as they are.
 
-    Raises OSError (or PIL's DecompressionBombError) for an image that does not decode; nothing is saved then.
+    Raises ImageUnavailable for bytes that do not decode; nothing is saved then.
     """
     if isinstance(image_or_bytes, bytes):
-        image = Image.open(io.BytesIO(image_or_bytes))
-        image.load()  # decodes fully, so a truncated file fails here
+        try:
+            image = Image.open(io.BytesIO(image_or_bytes))
+            image.load()  # decodes fully, so a truncated file fails here
+        except (OSError, Image.DecompressionBombError) as error:
+            raise ImageUnavailable(f"the image does not decode ({error}): a corrupt or incomplete file") from None
         if image.format == "JPEG" and image.mode == "RGB" and max(image.size) <= max_side:
             with atomic_write(path, "wb") as file:
                 file.write(image_or_bytes)
@@ -266,7 +269,7 @@ def main(argv=()):
             else:
                 try:
                     save_rgb_jpeg(row.fetch_image(), image_path, cfg.max_image_side)
-                except (DownloadError, OSError, Image.DecompressionBombError) as error:
+                except (ImageUnavailable, OSError) as error:
                     failed[row.image_id] = str(error)
                     continue
                 fetched.add(image_path)

@@ -1,10 +1,13 @@
 """Shared test fixtures: a tiny Qwen2-VL, synthetic images, a local HTTP server, and a way to run the scripts."""
+import csv
 import http.server
+import io
 import json
 import os
 import subprocess
 import sys
 import threading
+import zipfile
 from collections import Counter
 
 import pytest
@@ -58,6 +61,72 @@ def make_imagefolder(folder, captions=COLOR_CAPTIONS, size=(64, 48)):
             Image.new("RGB", size, color).save(os.path.join(folder, f"{name}.png"))
             file.write(json.dumps({"file_name": f"{name}.png", "caption": caption}) + "\n")
     return str(folder)
+
+
+# ----------------------------------------------------------------------------- data sources
+
+def jpeg_bytes(mode, color, size=(40, 30)):
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def serve_coco(server, images, captions, split="train"):
+    """Put a COCO-style annotation zip and the images on the server; returns the annotation URL."""
+    annotations = {
+        "images": [
+            {"id": image_id, "file_name": f"COCO_{split}2014_{image_id:012d}.jpg",
+             "coco_url": f"{server.url}/{split}2014/COCO_{split}2014_{image_id:012d}.jpg"}
+            for image_id in images
+        ],
+        "annotations": [
+            {"id": number, "image_id": image_id, "caption": caption}
+            for number, (image_id, caption) in enumerate(captions)
+        ],
+    }
+    for image_id, body in images.items():
+        server.files[f"/{split}2014/COCO_{split}2014_{image_id:012d}.jpg"] = body
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr(f"annotations/captions_{split}2014.json", json.dumps(annotations))
+    server.files["/annotations/annotations_trainval2014.zip"] = archive.getvalue()
+    return f"{server.url}/annotations/annotations_trainval2014.zip"
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+COCO_IMAGES = {
+    1: jpeg_bytes("RGB", "red"),
+    2: jpeg_bytes("L", 128),  # COCO has grayscale ...
+    3: jpeg_bytes("CMYK", (0, 255, 255, 0)),  # ... and CMYK JPEGs
+    4: jpeg_bytes("RGB", "blue"),
+    5: jpeg_bytes("RGB", "green"),
+}
+COCO_CAPTIONS = [(1, "A red thing."), (2, "A gray thing."), (1, "Red, again."), (3, "A CMYK thing."),
+                 (4, "A blue thing."), (5, "Never fetched.")]
+
+
+def coco_args(tmp_path, url, *extra):
+    return ["--source=coco", f"--coco_annotations={url}", f"--image_dir={tmp_path}/images",
+            f"--csv_path={tmp_path}/data.csv", f"--download_dir={tmp_path}/downloads", "--max_data_number=5", *extra]
+
+
+class FakeMsDataset:
+    """Stands in for what MsDataset.load returns: rows with image_id, caption and a decoded PIL image."""
+
+    def __init__(self, rows, broken_from=None):
+        self.rows, self.broken_from = rows, broken_from
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if self.broken_from is not None and index >= self.broken_from:
+            raise FileNotFoundError("/root/.cache/modelscope/hub/datasets/coco/2014/train2014")  # as upstream fails
+        return self.rows[index]
 
 
 class FileServer:

@@ -3,7 +3,6 @@ import pytest
 
 import captioning
 from captioning import PipelineError, parse_settings
-from conftest import run
 
 DEFAULTS = {"name": "x", "steps": 3, "rate": 1e-4, "flag": False, "UPPER": "not a setting", "_private": 1}
 
@@ -24,12 +23,6 @@ def test_overrides_are_typed_like_their_defaults():
 def test_bad_overrides_are_refused_with_the_reason(argv, message):
     with pytest.raises(PipelineError, match=message):
         parse_settings(DEFAULTS, argv)
-
-
-def test_a_bad_setting_fails_before_any_model_is_loaded(tmp_path):
-    result = run("train.py", "--learning_rate=abc", "--model=does/not-exist", cwd=tmp_path, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.strip() == "error: --learning_rate=abc: expected a float like the default 0.0001"
 
 
 def test_hub_model_ids_are_fetched_with_modelscope_into_the_working_folder(monkeypatch, tmp_path):
