@@ -3,6 +3,7 @@ that names the file, the row or the setting, and what to do, leaving no half-wri
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -67,8 +68,9 @@ def test_killed_run_resumes_without_refetching_or_half_written_files(tmp_path, f
     data2csv.main(coco_args(tmp_path, url))
     for image_id in (1, 2, 3):
         assert file_server.requests[f"/train2014/COCO_train2014_{image_id:012d}.jpg"] == 1
-    rows = read_csv(tmp_path / "data.csv")
-    assert len(rows) == 5 and sorted(os.listdir(tmp_path / "images")) == ["1.jpg", "2.jpg", "3.jpg", "4.jpg"]
+    rows = [(row["image_id"], row["caption"]) for row in read_csv(tmp_path / "data.csv")]
+    assert rows == [(str(image_id), caption) for image_id, caption in COCO_CAPTIONS[:5]]  # complete, no duplicates
+    assert sorted(os.listdir(tmp_path / "images")) == ["1.jpg", "2.jpg", "3.jpg", "4.jpg"]
 
 
 def test_modelscope_failure_names_other_sources(tmp_path, monkeypatch):
@@ -358,3 +360,19 @@ def test_no_script_trusts_remote_code():
     for script in ("data2csv.py", "csv2json.py", "train.py", "infer.py", "captioning.py"):
         with open(os.path.join(REPO, script)) as file:
             assert "trust_remote_code" not in file.read(), script
+
+
+def test_readme_troubleshooting_quotes_what_the_scripts_say():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as file:
+        readme = file.read()
+    section = readme.split("## When something fails")[1].split("\n## ")[0]
+    quoted = [fragment for line in section.splitlines() if line.startswith("| ") and not line.startswith("| step")
+              for fragment in re.findall(r"`([^`]+)`", line.split(" | ")[1])]
+    assert len(quoted) >= 20
+    source = ""
+    for script in ("data2csv.py", "csv2json.py", "train.py", "infer.py", "captioning.py"):
+        with open(os.path.join(REPO, script), encoding="utf-8") as file:
+            source += re.sub(r'"\s*\n\s*f?"', "", file.read())  # join string literals split over lines
+    for fragment in quoted:
+        for piece in filter(None, (part.strip() for part in fragment.split("…"))):
+            assert piece.replace('"', '\\"') in source or piece in source, f"README quotes {fragment!r}; not in the code"
