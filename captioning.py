@@ -3,9 +3,11 @@
 Training and inference both build their prompts with `build_messages` and load images with `load_image`,
 so the prompt and image size cannot drift apart between them.
 """
+import glob
 import json
 import os
 import re
+import signal
 import sys
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -22,6 +24,7 @@ def run_script(main):
     """Run a script's main(argv) the way a user meets it: a one-paragraph message and a non-zero exit on failure,
     the traceback only with --debug=true."""
     argv = sys.argv[1:]
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # schedulers and torchrun stop jobs with SIGTERM
     try:
         main(argv)
     except KeyboardInterrupt:
@@ -36,6 +39,10 @@ def run_script(main):
             print(f"error: unexpected {type(error).__name__}: {error}\n(run again with --debug=true to see where "
                   "it happened, and report it with that traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt
 
 
 def debug_requested(main, argv):
@@ -146,6 +153,49 @@ def conversation_sample(path, number, entry):
             "caption": assistant["value"], "entry": entry}
 
 
+# ----------------------------------------------------------------------------- trained adapters
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft writes it after the weights: its presence marks a complete adapter
+
+
+def newest_checkpoint(output_dir):
+    """The most recently saved adapter under output_dir: the final one or a checkpoint-N, whichever is newer."""
+    candidates = [output_dir] + glob.glob(os.path.join(output_dir, "checkpoint-*"))
+    adapters = [folder for folder in candidates if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG))]
+    if not adapters:
+        raise PipelineError(f"no trained adapter in {output_dir}: run train.py first, or set --checkpoint or --output_dir")
+
+    def saved_when(folder):
+        step = re.search(r"checkpoint-(\d+)$", folder)
+        return os.path.getmtime(os.path.join(folder, ADAPTER_CONFIG)), int(step.group(1)) if step else float("inf")
+
+    return max(adapters, key=saved_when)
+
+
+def read_run_config(folder):
+    """The settings training used, saved next to its adapter, in the parent of a checkpoint-N, or in a merged model."""
+    for candidate in (folder, os.path.dirname(os.path.normpath(folder))):
+        path = os.path.join(candidate, RUN_CONFIG)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                return json.load(file)
+    raise PipelineError(
+        f"no {RUN_CONFIG} in {folder} or its parent folder: it is needed to use training's prompt and image size; "
+        "point --checkpoint at an adapter saved by train.py"
+    )
+
+
+def trained_adapter(checkpoint, output_dir):
+    """The adapter folder to use (checkpoint, or the newest under output_dir), checked, with training's settings."""
+    folder = checkpoint or newest_checkpoint(output_dir)
+    if not os.path.isdir(folder):
+        raise PipelineError(f"checkpoint folder not found: {folder}; set --checkpoint to a folder saved by train.py")
+    for name in (ADAPTER_CONFIG, "adapter_model.safetensors"):  # safetensors only: a pickled .bin could run code
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise PipelineError(f"{folder} has no {name}: set --checkpoint to an adapter saved by train.py")
+    return folder, read_run_config(folder)
+
+
 # ----------------------------------------------------------------------------- images and messages
 
 def to_rgb(image):
@@ -223,15 +273,16 @@ def resolve_model(model):
         ) from None
 
 
-def load_model_and_processor(model):
-    """Qwen2-VL and its processor from a local folder or hub id: bf16 on CUDA, fp32 on CPU, safetensors only."""
+def load_model_and_processor(model, on_device=False):
+    """Qwen2-VL and its processor from a local folder or hub id: bf16 on CUDA, fp32 on CPU, safetensors only;
+    moved to the GPU (if any) when on_device, else left on the CPU for Trainer to place."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     path = resolve_model(model)
     device, dtype = device_and_dtype()
     processor = AutoProcessor.from_pretrained(path)
     base_model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    return base_model.to(device), processor
+    return base_model.to(device) if on_device else base_model, processor
 
 
 def generate_captions(model, processor, images, prompt, max_new_tokens, batch_size):

@@ -8,6 +8,7 @@ checkpoints and the final adapter with the processor files and run_config.json i
 held-out images and logs them to SwanLab.
 """
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from captioning import (
+    ADAPTER_CONFIG,
     END_OF_TURN,
     RUN_CONFIG,
     PipelineError,
@@ -52,6 +54,7 @@ max_length = 8192  # samples with more tokens are skipped, never cut through the
 logging_steps = 10
 save_steps = 100
 max_new_tokens = 128  # for the held-out captions generated after training
+deepspeed = ""  # empty: none | zero2 | zero3 (the configs in deepspeed/) | path to a DeepSpeed JSON config
 resume = "auto"  # auto: continue an interrupted run from its newest checkpoint in output_dir | never: start afresh
 swanlab_mode = "auto"  # auto (cloud when logged in, else local) | cloud | local | offline | disabled
 swanlab_project = "Qwen2-VL-finetune"
@@ -61,7 +64,6 @@ debug = False  # show the full traceback of a failure
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE_INDEX = -100  # label value the loss skips
-ADAPTER_CONFIG = "adapter_config.json"  # peft writes it after the weights: its presence marks a complete adapter
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint: its presence marks a complete one
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # per image, not per token: joined across a batch, never padded
 
@@ -204,6 +206,19 @@ def report_skipped(skipped, what):
             print(f"  ... and {len(skipped) - 5} more")
 
 
+def resolve_deepspeed(choice):
+    """The DeepSpeed config file for the deepspeed setting, or None."""
+    if not choice:
+        return None
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspeed", f"{choice}.json")
+    path = shipped if choice in ("zero2", "zero3") else choice
+    if not os.path.isfile(path):
+        raise PipelineError(f"--deepspeed={choice}: use zero2, zero3 or the path of a DeepSpeed JSON config")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise PipelineError(f"--deepspeed={choice} needs DeepSpeed, which is not installed: pip install deepspeed")
+    return path
+
+
 def newest_complete_checkpoint(output_dir):
     """The checkpoint-N with the highest step that Trainer finished writing, or None."""
     steps = {}
@@ -215,15 +230,15 @@ def newest_complete_checkpoint(output_dir):
 
 
 # settings that may change when a run is resumed: they do not shape the training itself
-RESUMABLE_CHANGES = {"resume", "debug", "swanlab_mode", "max_new_tokens", "logging_steps"}
+RESUMABLE_CHANGES = {"resume", "debug", "swanlab_mode", "max_new_tokens", "logging_steps", "deepspeed"}
 
 
-def resume_point(cfg):
+def resume_point(cfg, is_main_process):
     """The checkpoint to continue from, or None to start afresh; a finished run is never silently replaced."""
     finished = os.path.isfile(os.path.join(cfg.output_dir, ADAPTER_CONFIG))
     checkpoint = newest_complete_checkpoint(cfg.output_dir)
     if cfg.resume == "never":
-        if finished or checkpoint:
+        if (finished or checkpoint) and is_main_process:
             print(f"resume=never: replacing the earlier run in {cfg.output_dir}")
             for folder in glob.glob(os.path.join(cfg.output_dir, "checkpoint-*")):
                 shutil.rmtree(folder)
@@ -250,7 +265,8 @@ def resume_point(cfg):
                 f"{cfg.output_dir} holds an interrupted run with other settings ({', '.join(changed)} differ), "
                 "so it cannot be continued: use the same settings, another --output_dir, or --resume=never"
             )
-        print(f"resuming the interrupted run from {checkpoint}")
+        if is_main_process:
+            print(f"resuming the interrupted run from {checkpoint}")
     return checkpoint
 
 
@@ -258,47 +274,54 @@ def save_final_adapter(trainer, processor, output_dir):
     """Save the adapter and processor files so that an interruption never leaves a half-written adapter behind:
     everything is written to a staging folder, then moved in with adapter_config.json last."""
     staging = os.path.join(output_dir, "final-adapter.part")
-    shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(staging)
-    processor.save_pretrained(staging)
-    for name in sorted(os.listdir(staging), key=lambda name: name == ADAPTER_CONFIG):
-        os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
-    os.rmdir(staging)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(staging)  # on every process: DeepSpeed ZeRO-3 gathers the weights from all of them
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(staging)
+        for name in sorted(os.listdir(staging), key=lambda name: name == ADAPTER_CONFIG):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.rmdir(staging)
 
 
 def main(argv=()):
-    if "WORLD_SIZE" not in os.environ:
+    distributed = "WORLD_SIZE" in os.environ  # launched by torchrun or accelerate: one process per GPU
+    if not distributed:
         # One process trains on one GPU: with several visible, Trainer would wrap the model in DataParallel,
         # which splits the concatenated pixel_values of a batch across GPUs out of step with their images.
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+    is_main_process = int(os.environ.get("RANK", "0")) == 0  # only it writes files, logs and prints captions
     cfg = parse_settings(globals(), argv)
     if cfg.image_size <= 0 or cfg.image_size % 28:
         raise PipelineError(f"--image_size={cfg.image_size}: use a positive multiple of 28 (14-pixel patches, merged 2x2)")
-    mode = swanlab_run_mode(cfg.swanlab_mode)
-    resume_from = resume_point(cfg)
+    mode = swanlab_run_mode(cfg.swanlab_mode) if is_main_process else "disabled"
+    deepspeed_config = resolve_deepspeed(cfg.deepspeed)
+    resume_from = resume_point(cfg, is_main_process)
 
     samples = read_conversations(cfg.json_path)
-    train_samples, test_samples = split_by_image(samples, cfg.test_size)
+    train_samples, test_samples = split_by_image(samples, cfg.test_size)  # the same on every process
     train_json, test_json = sibling_path(cfg.json_path, "train"), sibling_path(cfg.json_path, "test")
-    write_json(train_json, [sample["entry"] for sample in train_samples])
-    write_json(test_json, [sample["entry"] for sample in test_samples])
     prompt = Counter(sample["prompt"] for sample in samples).most_common(1)[0][0]
-    print(f"{len(train_samples)} training samples -> {train_json}; {len(test_samples)} held out -> {test_json}")
+    if is_main_process:
+        write_json(train_json, [sample["entry"] for sample in train_samples])
+        write_json(test_json, [sample["entry"] for sample in test_samples])
+        print(f"{len(train_samples)} training samples -> {train_json}; {len(test_samples)} held out -> {test_json}")
 
     import swanlab
     from peft import LoraConfig, TaskType, get_peft_model
     from swanlab.integration.transformers import SwanLabCallback
     from transformers import Trainer, TrainingArguments, set_seed
 
-    if torch.cuda.device_count() > 1 and "WORLD_SIZE" not in os.environ:
+    if torch.cuda.device_count() > 1 and not distributed:
         raise PipelineError(
             f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} shows several GPUs to one process: "
-            "set it to one GPU, e.g. CUDA_VISIBLE_DEVICES=0"
+            "set it to one GPU, e.g. CUDA_VISIBLE_DEVICES=0, or launch one process per GPU with torchrun"
         )
     set_seed(cfg.seed)
-    base_model, processor = load_model_and_processor(cfg.model)
+    base_model, processor = load_model_and_processor(cfg.model)  # Trainer moves it to this process's device
     dataset = CaptionDataset(train_samples, processor, cfg.image_size, cfg.max_length)
-    report_skipped(dataset.skipped, "training samples")
+    if is_main_process:
+        report_skipped(dataset.skipped, "training samples")
     if not len(dataset):
         raise PipelineError(f"no training sample is left in {cfg.json_path} after skipping the ones listed above")
 
@@ -313,11 +336,13 @@ def main(argv=()):
     lora_model = get_peft_model(base_model, lora_config)
     lora_model.print_trainable_parameters()
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
     model_path = os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # usable from any folder
     run_config = {**vars(cfg), "model": model_path, "prompt": prompt, "train_json": os.path.abspath(train_json),
-                  "test_json": os.path.abspath(test_json), "swanlab_mode_used": mode}
-    write_json(os.path.join(cfg.output_dir, RUN_CONFIG), run_config)
+                  "test_json": os.path.abspath(test_json), "swanlab_mode_used": mode,
+                  "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    if is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        write_json(os.path.join(cfg.output_dir, RUN_CONFIG), run_config)
     swanlab.init(project=cfg.swanlab_project, experiment_name=os.path.basename(os.path.normpath(cfg.output_dir)),
                  config=run_config, mode=mode)
 
@@ -339,6 +364,8 @@ def main(argv=()):
         seed=cfg.seed,
         report_to="none",  # SwanLab is attached below as a callback
         remove_unused_columns=False,  # the collator needs pixel_values and image_grid_thw
+        deepspeed=deepspeed_config,
+        ddp_find_unused_parameters=False,  # LoRA uses every adapter weight in each step
     )
     trainer = Trainer(
         model=lora_model,
@@ -350,6 +377,8 @@ def main(argv=()):
     )
     trainer.train(resume_from_checkpoint=resume_from)
     save_final_adapter(trainer, processor, cfg.output_dir)
+    if not is_main_process:
+        return
     print(f"saved the adapter, processor and {RUN_CONFIG} to {cfg.output_dir}")
 
     test_images = load_images(dict.fromkeys(sample["image_path"] for sample in test_samples), cfg.image_size)

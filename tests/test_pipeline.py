@@ -2,6 +2,8 @@
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -91,3 +93,45 @@ def test_infer_defaults_to_the_held_out_images_and_survives_bad_ones(trained_run
     assert "skipped: cannot read image broken.jpg" in result.stdout
     records = [json.loads(line) for line in (work / "mixed.jsonl").read_text().splitlines()]
     assert records == [{"image_path": "coco_2014_caption/red.jpg", "caption": COLOR_CAPTIONS["red"]}]
+
+
+def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(trained_run, tiny_model):
+    work, _ = trained_run
+    check(run("merge.py", "--dtype=float32", cwd=work))
+    merged_dir = work / "output" / "Qwen2-VL-2B-merged"
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
+                 "processor_config.json", "run_config.json"):
+        assert (merged_dir / name).is_file(), name
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from captioning import build_messages, load_image
+
+    processor = AutoProcessor.from_pretrained(merged_dir)
+    image = load_image(str(work / "coco_2014_caption" / "red.jpg"), 56)
+    text = processor.apply_chat_template(build_messages(image, "COCO Yes:", "a red square"), tokenize=False)
+    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    with torch.no_grad():
+        merged_logits = Qwen2VLForConditionalGeneration.from_pretrained(merged_dir)(**inputs).logits
+        adapter = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(tiny_model),
+                                            str(work / "output" / "Qwen2-VL-2B"))
+        adapter_logits = adapter(**inputs).logits
+    assert torch.allclose(merged_logits, adapter_logits, atol=1e-4)
+    assert not torch.allclose(merged_logits, Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)(**inputs).logits,
+                              atol=1e-2)  # the adapter did change the model
+
+    plain = subprocess.run([sys.executable, "-c", (
+        "import sys\n"
+        "from transformers import AutoProcessor, Qwen2VLForConditionalGeneration\n"
+        f"Qwen2VLForConditionalGeneration.from_pretrained({str(merged_dir)!r}); AutoProcessor.from_pretrained({str(merged_dir)!r})\n"
+        "assert 'peft' not in sys.modules\n")], capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+
+    images = ",".join(str(work / "coco_2014_caption" / f"{color}.jpg") for color in COLOR_CAPTIONS)
+    check(run("infer.py", f"--model={merged_dir}", f"--images={images}", "--output_path=merged.jsonl", cwd=work))
+    check(run("infer.py", f"--images={images}", "--output_path=adapter.jsonl", cwd=work))
+    merged_captions = (work / "merged.jsonl").read_text()
+    assert merged_captions == (work / "adapter.jsonl").read_text()
+    assert COLOR_CAPTIONS["red"] in merged_captions

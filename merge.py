@@ -1,0 +1,62 @@
+"""Ship it: fold the trained LoRA adapter into the base model and save a plain transformers model.
+
+    python merge.py                                    # newest adapter in output_dir -> output/Qwen2-VL-2B-merged
+    python merge.py --checkpoint=output/Qwen2-VL-2B/checkpoint-100 --merged_dir=my-captioner
+
+The folder holds the merged weights (safetensors), the processor, tokenizer, chat template and generation config,
+so `Qwen2VLForConditionalGeneration.from_pretrained` and inference engines such as vLLM load it without peft, plus
+training's run_config.json, so `infer.py --model=<folder>` captions with the same prompt and image size.
+"""
+import os
+import shutil
+
+from captioning import (
+    RUN_CONFIG,
+    PipelineError,
+    parse_settings,
+    resolve_model,
+    run_script,
+    trained_adapter,
+    write_json,
+)
+
+# ----------------------------------------------------------------------------- settings
+output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters
+checkpoint = ""  # adapter folder; empty: the newest trained adapter under output_dir
+model = ""  # base model; empty: the one training used (run_config.json)
+merged_dir = ""  # empty: output_dir + "-merged"; an existing folder is replaced
+dtype = "auto"  # auto (the base model's own, bfloat16 for Qwen2-VL-2B-Instruct) | bfloat16 | float16 | float32
+debug = False  # show the full traceback of a failure
+# -----------------------------------------------------------------------------
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def main(argv=()):
+    cfg = parse_settings(globals(), argv)
+    if cfg.dtype not in DTYPES:
+        raise PipelineError(f"--dtype={cfg.dtype}: use one of {', '.join(DTYPES)}")
+    checkpoint_dir, run_config = trained_adapter(cfg.checkpoint, cfg.output_dir)
+    merged_dir = cfg.merged_dir or os.path.normpath(cfg.output_dir) + "-merged"
+
+    from peft import PeftModel
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    base_path = resolve_model(cfg.model or run_config["model"])
+    print(f"merging {checkpoint_dir} into {base_path}")
+    base_model = Qwen2VLForConditionalGeneration.from_pretrained(base_path, dtype=cfg.dtype, use_safetensors=True)
+    merged = PeftModel.from_pretrained(base_model, checkpoint_dir).merge_and_unload()
+
+    staging = merged_dir.rstrip("/") + ".part"  # written whole, then renamed into place
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_pretrained(staging)  # weights as safetensors, config and generation config
+    AutoProcessor.from_pretrained(base_path).save_pretrained(staging)  # processor, tokenizer, chat template
+    write_json(os.path.join(staging, RUN_CONFIG), {**run_config, "merged_from": os.path.abspath(checkpoint_dir)})
+    shutil.rmtree(merged_dir, ignore_errors=True)
+    os.replace(staging, merged_dir)
+    print(f"wrote the merged model to {merged_dir}: load it with Qwen2VLForConditionalGeneration.from_pretrained, "
+          f"vLLM, or `python infer.py --model={merged_dir}`")
+
+
+if __name__ == "__main__":
+    run_script(main)

@@ -1,0 +1,135 @@
+"""Scaling out and resuming: torchrun data parallel on CPU (gloo), kill-and-resume, DeepSpeed settings."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import csv2json
+import data2csv
+import train
+from captioning import PipelineError
+from conftest import REPO, make_imagefolder, run
+
+COMMON = ["--image_size=56", "--learning_rate=5e-3", "--gradient_accumulation_steps=1", "--swanlab_mode=disabled",
+          "--logging_steps=1", "--lora_dropout=0"]
+
+
+@pytest.fixture(scope="module")
+def data_json(tmp_path_factory):
+    work = tmp_path_factory.mktemp("scale_out")
+    folder = make_imagefolder(work / "source")
+    data2csv.main([f"--source={folder}", f"--image_dir={work}/images", f"--csv_path={work}/data.csv"])
+    csv2json.main([f"--csv_path={work}/data.csv", f"--json_path={work}/data_vl.json"])
+    return work / "data_vl.json"
+
+
+def logged_losses(output_dir):
+    [state] = [os.path.join(output_dir, name, "trainer_state.json") for name in os.listdir(output_dir)
+               if name == f"checkpoint-{max_step(output_dir)}"]
+    with open(state) as file:
+        history = json.load(file)
+    return history["global_step"], [entry["loss"] for entry in history["log_history"] if "loss" in entry]
+
+
+def max_step(output_dir):
+    return max(int(name.split("-")[1]) for name in os.listdir(output_dir) if name.startswith("checkpoint-"))
+
+
+def test_two_processes_with_torchrun_match_one_process_with_the_same_global_batch(tmp_path, tiny_model, data_json):
+    # 2 training images (4 held out): every step's global batch holds both, in one process or split over two
+    args = [f"--model={tiny_model}", f"--json_path={data_json}", "--test_size=4", "--max_steps=8", "--save_steps=8",
+            *COMMON]
+    torchrun = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(REPO, "train.py"), *args, f"--output_dir={tmp_path}/ddp", "--per_device_train_batch_size=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert torchrun.returncode == 0, torchrun.stderr[-5000:]
+    single = run("train.py", *args, f"--output_dir={tmp_path}/single", "--per_device_train_batch_size=2", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-5000:]
+
+    ddp_step, ddp_losses = logged_losses(tmp_path / "ddp")
+    single_step, single_losses = logged_losses(tmp_path / "single")
+    assert ddp_step == single_step == 8 and len(ddp_losses) == 8
+    assert ddp_losses == pytest.approx(single_losses, abs=1e-4)
+    assert sorted(os.listdir(tmp_path / "ddp")) == sorted(os.listdir(tmp_path / "single"))  # one adapter, one set
+    assert torchrun.stdout.count("saved the adapter") == 1  # only rank 0 reports, logs and captions
+    assert json.loads((tmp_path / "ddp" / "run_config.json").read_text())["world_size"] == 2
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model, data_json):
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "out"
+    result = run("train.py", *resume_args(tiny_model, data_json, output_dir), cwd=output_dir.parent)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return logged_losses(output_dir)
+
+
+def resume_args(tiny_model, data_json, output_dir):
+    # 4 training images, batch 1: 4 steps an epoch, 120 steps in all, counted from epochs rather than max_steps
+    return [f"--model={tiny_model}", f"--json_path={data_json}", f"--output_dir={output_dir}", "--test_size=2",
+            "--per_device_train_batch_size=1", "--num_train_epochs=30", "--save_steps=10", *COMMON]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one(
+        stop, tmp_path, tiny_model, data_json, uninterrupted):
+    output_dir = tmp_path / "out"
+    args = resume_args(tiny_model, data_json, output_dir)
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first_checkpoint = output_dir / "checkpoint-10" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=120)
+    if stop == signal.SIGTERM:  # stopped like Ctrl-C, with a message
+        assert process.returncode == 130 and "interrupted: the files already finished are kept" in stderr
+    else:
+        assert process.returncode == -signal.SIGKILL
+    assert not (output_dir / "adapter_config.json").exists()  # it did not finish
+    interrupted_at = max_step(output_dir)
+    assert 10 <= interrupted_at < 120
+
+    resumed = run("train.py", *args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert f"resuming the interrupted run from {output_dir}/checkpoint-" in resumed.stdout
+    final_step, losses = logged_losses(output_dir)
+    expected_step, expected_losses = uninterrupted
+    assert final_step == expected_step == 120
+    assert losses[-1] == pytest.approx(expected_losses[-1], abs=1e-3)  # same optimizer, schedule and data order
+
+    captioned = run("infer.py", f"--output_dir={output_dir}", f"--output_path={tmp_path}/p.jsonl", cwd=tmp_path)
+    assert captioned.returncode == 0, captioned.stderr[-5000:]
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2
+
+
+def test_changed_settings_are_not_resumed(tmp_path, tiny_model, data_json):
+    output_dir = tmp_path / "out"
+    (output_dir / "checkpoint-10").mkdir(parents=True)
+    (output_dir / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    (output_dir / "run_config.json").write_text(json.dumps({"learning_rate": 0.1, "lora_r": 64}))
+    with pytest.raises(PipelineError, match="holds an interrupted run with other settings .learning_rate differ."):
+        train.main([f"--json_path={data_json}", f"--output_dir={output_dir}", "--model=not/loaded"])
+
+
+def test_deepspeed_configs_ship_and_are_selected_by_one_setting():
+    for stage in (2, 3):
+        with open(os.path.join(REPO, "deepspeed", f"zero{stage}.json")) as file:
+            config = json.load(file)
+        assert config["zero_optimization"]["stage"] == stage
+        assert config["train_micro_batch_size_per_gpu"] == "auto"  # filled in from train.py's settings
+    with pytest.raises(PipelineError, match="--deepspeed=zero4: use zero2, zero3 or the path of a DeepSpeed JSON"):
+        train.resolve_deepspeed("zero4")
+    assert train.resolve_deepspeed("") is None
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(PipelineError, match="--deepspeed=zero2 needs DeepSpeed, which is not installed"):
+            train.resolve_deepspeed("zero2")
+    else:
+        assert train.resolve_deepspeed("zero3") == os.path.join(REPO, "deepspeed", "zero3.json")
