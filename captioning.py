@@ -158,18 +158,24 @@ def conversation_sample(path, number, entry):
 ADAPTER_CONFIG = "adapter_config.json"  # peft writes it after the weights: its presence marks a complete adapter
 
 
+def checkpoint_folders(output_dir):
+    """{step: folder} of the checkpoint-N folders Trainer saved in output_dir."""
+    folders = {}
+    for folder in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        step = re.search(r"checkpoint-(\d+)$", folder)
+        if step and os.path.isdir(folder):
+            folders[int(step.group(1))] = folder
+    return folders
+
+
 def newest_checkpoint(output_dir):
     """The most recently saved adapter under output_dir: the final one or a checkpoint-N, whichever is newer."""
-    candidates = [output_dir] + glob.glob(os.path.join(output_dir, "checkpoint-*"))
-    adapters = [folder for folder in candidates if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG))]
-    if not adapters:
+    candidates = {float("inf"): output_dir, **checkpoint_folders(output_dir)}  # the final adapter wins a tie
+    saved = [(os.path.getmtime(os.path.join(folder, ADAPTER_CONFIG)), step, folder)
+             for step, folder in candidates.items() if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG))]
+    if not saved:
         raise PipelineError(f"no trained adapter in {output_dir}: run train.py first, or set --checkpoint or --output_dir")
-
-    def saved_when(folder):
-        step = re.search(r"checkpoint-(\d+)$", folder)
-        return os.path.getmtime(os.path.join(folder, ADAPTER_CONFIG)), int(step.group(1)) if step else float("inf")
-
-    return max(adapters, key=saved_when)
+    return max(saved)[2]
 
 
 def read_run_config(folder):

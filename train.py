@@ -7,11 +7,9 @@ Holds out the last test_size distinct images (data_vl_test.json), trains on the 
 checkpoints and the final adapter with the processor files and run_config.json in output_dir, then captions the
 held-out images and logs them to SwanLab.
 """
-import glob
 import importlib.util
 import json
 import os
-import re
 import shutil
 from collections import Counter
 
@@ -25,6 +23,7 @@ from captioning import (
     RUN_CONFIG,
     PipelineError,
     build_messages,
+    checkpoint_folders,
     device_and_dtype,
     generate_captions,
     load_image,
@@ -221,12 +220,9 @@ def resolve_deepspeed(choice):
 
 def newest_complete_checkpoint(output_dir):
     """The checkpoint-N with the highest step that Trainer finished writing, or None."""
-    steps = {}
-    for folder in glob.glob(os.path.join(output_dir, "checkpoint-*")):
-        step = re.search(r"checkpoint-(\d+)$", folder)
-        if step and os.path.isfile(os.path.join(folder, TRAINER_STATE)):
-            steps[int(step.group(1))] = folder
-    return steps[max(steps)] if steps else None
+    complete = {step: folder for step, folder in checkpoint_folders(output_dir).items()
+                if os.path.isfile(os.path.join(folder, TRAINER_STATE))}
+    return complete[max(complete)] if complete else None
 
 
 # settings that may change when a run is resumed: they do not shape the training itself
@@ -240,7 +236,7 @@ def resume_point(cfg, is_main_process):
     if cfg.resume == "never":
         if (finished or checkpoint) and is_main_process:
             print(f"resume=never: replacing the earlier run in {cfg.output_dir}")
-            for folder in glob.glob(os.path.join(cfg.output_dir, "checkpoint-*")):
+            for folder in checkpoint_folders(cfg.output_dir).values():
                 shutil.rmtree(folder)
             if finished:
                 os.remove(os.path.join(cfg.output_dir, ADAPTER_CONFIG))
