@@ -202,6 +202,29 @@ def trained_adapter(checkpoint, output_dir):
     return folder, read_run_config(folder)
 
 
+# ----------------------------------------------------------------------------- tracking
+
+def swanlab_run_mode(requested):
+    """SwanLab's own mode name for the swanlab_mode setting; auto is cloud when logged in, else local."""
+    modes = {"cloud": "online", "online": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
+    if requested == "auto":
+        return "online" if swanlab_logged_in() else "local"
+    if requested not in modes:
+        raise PipelineError(f"--swanlab_mode={requested}: use auto, cloud, local, offline or disabled")
+    return modes[requested]
+
+
+def swanlab_logged_in():
+    if os.environ.get("SWANLAB_API_KEY"):
+        return True
+    try:
+        from swanlab.sdk.internal.settings import Settings  # reads the key `swanlab login` saved
+
+        return Settings().api_key is not None
+    except Exception:
+        return False
+
+
 # ----------------------------------------------------------------------------- images and messages
 
 def to_rgb(image):

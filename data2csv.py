@@ -29,6 +29,7 @@ from captioning import PipelineError, atomic_write, parse_settings, run_script, 
 # ----------------------------------------------------------------------------- settings
 source = "modelscope"  # modelscope | coco | hf:<dataset id> | path to a local imagefolder
 max_data_number = 500  # how many image/caption rows to take from the start of the source
+all_captions = False  # true: max_data_number counts images instead, each with all its captions (evaluation sets)
 image_dir = "coco_2014_caption"  # images are saved here as {image_id}.jpg
 csv_path = "coco-2024-dataset.csv"
 max_image_side = 2048  # larger images are downscaled to fit (COCO's are at most 640); PIL refuses > 178 megapixels
@@ -83,7 +84,13 @@ def coco_rows(cfg):
     """Official COCO 2014 captions: the annotation JSON, and each needed image fetched from its URL."""
     annotations = read_coco_annotations(cfg)
     image_urls = {image["id"]: image.get("coco_url") or image.get("flickr_url") for image in annotations["images"]}
-    for annotation in annotations["annotations"]:
+    rows = annotations["annotations"]
+    if cfg.all_captions:  # each image's captions together, images in order of their first caption
+        first_seen = {}
+        for number, annotation in enumerate(rows):
+            first_seen.setdefault(annotation["image_id"], number)
+        rows = sorted(rows, key=lambda annotation: first_seen[annotation["image_id"]])
+    for annotation in rows:
         url = image_urls[annotation["image_id"]]
         yield Row(annotation["image_id"], annotation["caption"], lambda url=url: http_get(url, cfg))
 
@@ -254,7 +261,7 @@ def main(argv=()):
         os.remove(leftover)  # a write that an earlier run did not finish
 
     rows, failed, fetched, reused, empty_captions = [], {}, set(), set(), 0
-    progress = tqdm(itertools.islice(open_source(cfg), cfg.max_data_number), total=cfg.max_data_number, unit="row")
+    progress = tqdm(take(open_source(cfg), cfg), total=None if cfg.all_captions else cfg.max_data_number, unit="row")
     for row in progress:
         caption = str(row.caption or "").strip()
         if not caption:
@@ -292,6 +299,19 @@ def main(argv=()):
     )
     if failed:
         print(f"skipped {len(failed)} images: {summary(failed)}; run again to retry them")
+
+
+def take(rows, cfg):
+    """The first max_data_number rows, or with all_captions every row of the first max_data_number images."""
+    if not cfg.all_captions:
+        yield from itertools.islice(rows, cfg.max_data_number)
+        return
+    images = set()
+    for row in rows:
+        if row.image_id not in images and len(images) == cfg.max_data_number:
+            return
+        images.add(row.image_id)
+        yield row
 
 
 def summary(failed, shown=5):

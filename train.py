@@ -32,6 +32,7 @@ from captioning import (
     parse_settings,
     read_conversations,
     run_script,
+    swanlab_run_mode,
     write_json,
 )
 
@@ -165,29 +166,6 @@ class CaptionCollator:
                     padded[row, : len(value)] = value
                 batch[key] = padded
         return batch
-
-
-# ----------------------------------------------------------------------------- tracking
-
-def swanlab_run_mode(requested):
-    """SwanLab's own mode name for the swanlab_mode setting; auto is cloud when logged in, else local."""
-    modes = {"cloud": "online", "online": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
-    if requested == "auto":
-        return "online" if swanlab_logged_in() else "local"
-    if requested not in modes:
-        raise PipelineError(f"--swanlab_mode={requested}: use auto, cloud, local, offline or disabled")
-    return modes[requested]
-
-
-def swanlab_logged_in():
-    if os.environ.get("SWANLAB_API_KEY"):
-        return True
-    try:
-        from swanlab.sdk.internal.settings import Settings  # reads the key `swanlab login` saved
-
-        return Settings().api_key is not None
-    except Exception:
-        return False
 
 
 # ----------------------------------------------------------------------------- main

@@ -98,3 +98,12 @@ def test_hub_dataset_source_with_a_list_of_captions(tmp_path):
                        f"--image_dir={tmp_path}/images", f"--csv_path={tmp_path}/data2.csv"])
 
 
+
+
+def test_all_captions_takes_whole_images_for_evaluation_sets(tmp_path, file_server):
+    captions = [(1, "one a"), (2, "two a"), (1, "one b"), (3, "three a"), (2, "two b"), (1, "one c")]
+    url = serve_coco(file_server, {i: COCO_IMAGES[i] for i in (1, 2, 3)}, captions, split="val")
+    data2csv.main(coco_args(tmp_path, url, "--split=val", "--all_captions=true", "--max_data_number=2"))
+    assert [(row["image_id"], row["caption"]) for row in read_csv(tmp_path / "data.csv")] == [
+        ("1", "one a"), ("1", "one b"), ("1", "one c"), ("2", "two a"), ("2", "two b")]
+    assert file_server.requests["/val2014/COCO_val2014_000000000003.jpg"] == 0

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import train
-from captioning import PipelineError, read_conversations
+from captioning import PipelineError, read_conversations, swanlab_run_mode
 
 
 def sample(image_path, caption, prompt="COCO Yes:"):
@@ -106,8 +106,8 @@ def test_lora_adapts_only_the_language_model(tiny_model):
 
 
 def test_swanlab_modes():
-    assert train.swanlab_run_mode("cloud") == "online"
-    assert train.swanlab_run_mode("local") == "local"
-    assert train.swanlab_run_mode("disabled") == "disabled"
+    assert swanlab_run_mode("cloud") == "online"
+    assert swanlab_run_mode("local") == "local"
+    assert swanlab_run_mode("disabled") == "disabled"
     with pytest.raises(PipelineError, match="use auto, cloud, local, offline or disabled"):
-        train.swanlab_run_mode("loud")
+        swanlab_run_mode("loud")
