@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -135,3 +136,39 @@ def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(trained_run, ti
     merged_captions = (work / "merged.jsonl").read_text()
     assert merged_captions == (work / "adapter.jsonl").read_text()
     assert COLOR_CAPTIONS["red"] in merged_captions
+
+
+def chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not chromium(), reason="Chromium is not installed: .ci/run installs it")
+def test_compare_scores_base_and_fine_tuned_and_writes_a_report_that_renders(trained_run, tmp_path):
+    work, _ = trained_run
+    result = check(run("compare.py", "--max_new_tokens=16", "--swanlab_mode=local", cwd=work))
+    assert "CIDEr-D" in result.stdout and "images/s" in result.stdout
+    report_dir = work / "output" / "Qwen2-VL-2B" / "eval"
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert set(metrics["metrics"]) == {"base", "fine_tuned"}
+    assert [os.path.basename(image["image_path"]) for image in metrics["images"]] == ["white.jpg", "black.jpg"]
+    assert metrics["images"][0]["references"] == [COLOR_CAPTIONS["white"]]
+    for scores in metrics["metrics"].values():
+        assert scores["SPICE"] is None and all(scores[name] is not None for name in ("BLEU-4", "ROUGE-L", "CIDEr-D"))
+
+    browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+               "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path}/profile"]
+    page = (report_dir / "report.html").as_uri()
+    dom = subprocess.run([*browser, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("class=\"image-row\"") == 2 and dom.count("<tr><th>CIDEr-D</th>") == 1
+    subprocess.run([*browser, f"--screenshot={tmp_path}/report.png", "--window-size=1200,900", page],
+                   capture_output=True, timeout=120)
+    from PIL import Image, ImageStat
+    with Image.open(tmp_path / "report.png") as screenshot:
+        assert screenshot.size == (1200, 900) and max(ImageStat.Stat(screenshot.convert("L")).stddev) > 10
+
+
+def test_compare_refuses_training_images(trained_run):
+    work, _ = trained_run
+    result = run("compare.py", "--eval_json=data_vl_train.json", "--swanlab_mode=disabled", cwd=work)
+    assert result.returncode == 1
+    assert "evaluation images are also training images" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,293 @@
+"""Measure caption quality: the base model and the fine-tuned adapter on the same images, side by side.
+
+    python compare.py                                  # the held-out test images of training
+    python compare.py --eval_json=data_vl_val.json     # a larger evaluation set (see README: COCO val2014)
+
+Captions every image with the base model and with the adapter (same prompt, image size and greedy decoding),
+scores both against all reference captions of each image with the COCO caption metrics (pycocoevalcap: BLEU-1..4,
+METEOR, ROUGE-L, CIDEr-D, SPICE), prints a table, and writes metrics.json and a self-contained report.html.
+"""
+import base64
+import contextlib
+import hashlib
+import html
+import importlib.util
+import io
+import os
+import re
+import shutil
+import subprocess
+import time
+
+from captioning import (
+    PipelineError,
+    atomic_write,
+    generate_captions,
+    load_images,
+    load_model_and_processor,
+    parse_settings,
+    read_conversations,
+    run_script,
+    swanlab_run_mode,
+    trained_adapter,
+    write_json,
+)
+
+# ----------------------------------------------------------------------------- settings
+output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters
+checkpoint = ""  # adapter folder; empty: the newest trained adapter under output_dir
+model = ""  # base model; empty: the one training used (run_config.json)
+eval_json = ""  # conversation JSON of the images to score, with all their captions; empty: training's held-out set
+report_dir = ""  # where metrics.json and report.html go; empty: output_dir/eval
+batch_size = 8
+max_new_tokens = 128
+java = "auto"  # auto: use Java when installed (PTB tokenizer, METEOR, SPICE) | never: the pure-Python path
+swanlab_mode = "auto"  # auto (cloud when logged in, else local) | cloud | local | offline | disabled
+swanlab_project = "Qwen2-VL-finetune"
+debug = False  # show the full traceback of a failure
+# -----------------------------------------------------------------------------
+
+METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "SPICE"]
+MODELS = {"base": "base model", "fine_tuned": "fine-tuned"}
+# what pycocoevalcap's PTB tokenizer drops after tokenising (its PUNCTUATIONS, and '"', which PTB turns into `` '')
+PUNCTUATION = {"''", "'", "``", "`", '"', ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+# PTB writes brackets as -LRB- etc.; lower-cased they escape the punctuation list above, so they stay, as here
+BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def java_available():
+    if not shutil.which("java"):
+        return False
+    return subprocess.run(["java", "-version"], capture_output=True).returncode == 0
+
+
+def python_tokenize(caption):
+    """Caption text tokenised as the Stanford PTB tokenizer of pycocoevalcap does it: lower case, contractions
+    split (isn't -> is n't, dog's -> dog 's), punctuation dropped, brackets kept as -lrb- -rrb-, hyphenated words
+    and numbers kept whole."""
+    text = caption.lower().replace("\n", " ")
+    text = re.sub(r"(\w)(n't)\b", r"\1 \2", text)
+    text = re.sub(r"(\w)('s|'re|'ve|'ll|'d|'m)\b", r"\1 \2", text)
+    tokens = re.findall(r"n't|'(?:s|re|ve|ll|d|m)\b|\w+(?:[-./&']\w+)*|\.\.\.|--|\S", text)
+    return " ".join(BRACKETS.get(token, token) for token in tokens if token not in PUNCTUATION)
+
+
+def tokenize_all(captions_by_id, use_java):
+    """{id: [caption, ...]} tokenised the way the COCO evaluation does."""
+    if not use_java:
+        return {key: [python_tokenize(caption) for caption in captions] for key, captions in captions_by_id.items()}
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return PTBTokenizer().tokenize(
+            {key: [{"caption": caption} for caption in captions] for key, captions in captions_by_id.items()}
+        )
+
+
+def spice_models_present():
+    spice = importlib.util.find_spec("pycocoevalcap.spice")
+    return spice is not None and os.path.isfile(
+        os.path.join(os.path.dirname(spice.origin), "lib", "stanford-corenlp-3.6.0.jar"))
+
+
+def score_captions(references, candidates, use_java):
+    """COCO caption metrics of candidates {id: caption} against references {id: [captions]}, as pycocoevalcap
+    computes them. Returns ({metric: value or None}, {metric: why it was skipped})."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts = tokenize_all(references, use_java)
+    res = tokenize_all({key: [caption] for key, caption in candidates.items()}, use_java)
+    scores, skipped = dict.fromkeys(METRICS), {}
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their internals
+        bleu, _ = Bleu(4).compute_score(gts, res)
+        scores.update(zip(METRICS[:4], bleu))
+        scores["ROUGE-L"], _ = Rouge().compute_score(gts, res)
+        scores["CIDEr-D"], _ = Cider().compute_score(gts, res)
+        if use_java:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            scores["METEOR"], _ = Meteor().compute_score(gts, res)
+        else:
+            skipped["METEOR"] = "needs Java"
+        if not use_java:
+            skipped["SPICE"] = "needs Java"
+        elif not spice_models_present():
+            skipped["SPICE"] = "needs the Stanford CoreNLP 3.6.0 models, which pycocoevalcap downloads on first use"
+        else:
+            from pycocoevalcap.spice.spice import Spice
+
+            try:
+                scores["SPICE"], _ = Spice().compute_score(gts, res)
+            except Exception as error:  # SPICE 1.0 runs only on some Java versions
+                skipped["SPICE"] = f"failed: {type(error).__name__}: {error}"
+    return {name: float(value) if value is not None else None for name, value in scores.items()}, skipped
+
+
+# ----------------------------------------------------------------------------- evaluation set
+
+def file_digest(path):
+    with open(path, "rb") as file:
+        return hashlib.sha1(file.read()).hexdigest()
+
+
+def refuse_training_images(eval_images, train_json):
+    """Stop when an evaluation image is also a training image, by path or by identical file content."""
+    train_images = {sample["image_path"] for sample in read_conversations(train_json)}
+    train_paths = {os.path.realpath(path) for path in train_images}
+    train_digests = {file_digest(path) for path in train_images if os.path.isfile(path)}
+    overlap = [path for path in eval_images if os.path.realpath(path) in train_paths
+               or (os.path.isfile(path) and file_digest(path) in train_digests)]
+    if overlap:
+        raise PipelineError(
+            f"{len(overlap)} evaluation images are also training images ({train_json}), e.g. {', '.join(overlap[:3])}: "
+            "scores on them say nothing about new images. Evaluate on the held-out set or another split "
+            "(for COCO: data2csv.py --split=val)"
+        )
+
+
+# ----------------------------------------------------------------------------- report
+
+def metrics_table(metrics, skipped):
+    width = max(map(len, METRICS))
+    lines = [f"{'metric':<{width}}  {MODELS['base']:>12}  {MODELS['fine_tuned']:>12}"]
+    for name in METRICS:
+        cells = [f"{metrics[key][name]:12.4f}" if metrics[key][name] is not None else f"{'skipped':>12}"
+                 for key in MODELS]
+        lines.append(f"{name:<{width}}  {'  '.join(cells)}" + (f"  ({skipped[name]})" if name in skipped else ""))
+    return "\n".join(lines)
+
+
+def thumbnail_data_uri(image, side=256):
+    thumbnail = image.copy()
+    thumbnail.thumbnail((side, side))
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def caption_cell(caption):
+    return html.escape(caption) if caption else "<span class='empty'>(empty caption)</span>"
+
+
+def html_report(rows, metrics, skipped, title):
+    """One self-contained page: the metrics table, then each image with its references and both captions."""
+    escape = html.escape
+    metric_rows = "".join(
+        f"<tr><th>{name}</th>" + "".join(
+            f"<td>{metrics[key][name]:.4f}</td>" if metrics[key][name] is not None
+            else f"<td class='skipped' title='{escape(skipped.get(name, ''))}'>skipped</td>" for key in MODELS)
+        + "</tr>" for name in METRICS)
+    image_rows = "".join(
+        f"<tr class='image-row'><td><img src='{row['thumbnail']}' alt='{escape(row['image_path'])}'>"
+        f"<div class='path'>{escape(row['image_path'])}</div></td>"
+        f"<td><ul>{''.join(f'<li>{escape(ref)}</li>' for ref in row['references'])}</ul></td>"
+        f"<td>{caption_cell(row['base'])}</td><td>{caption_cell(row['fine_tuned'])}</td></tr>" for row in rows)
+    notes = "".join(f"<li>{escape(name)} skipped: {escape(reason)}</li>" for name, reason in skipped.items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 2em; }}
+th, td {{ border: 1px solid #ccc; padding: 6px 10px; vertical-align: top; text-align: left; }}
+#metrics td {{ text-align: right; font-variant-numeric: tabular-nums; }}
+td.skipped {{ color: #999; }}
+img {{ width: 192px; display: block; border: 1px solid #ddd; }}
+.path {{ font-size: 0.75em; color: #777; word-break: break-all; max-width: 192px; }}
+.empty {{ color: #999; font-style: italic; }}
+ul {{ margin: 0; padding-left: 1.2em; }}
+</style></head><body>
+<h1>{escape(title)}</h1>
+<table id="metrics"><thead><tr><th>metric</th><th>{MODELS['base']}</th><th>{MODELS['fine_tuned']}</th></tr></thead>
+<tbody>{metric_rows}</tbody></table>
+<ul class="notes">{notes}</ul>
+<table id="captions"><thead><tr><th>image</th><th>references</th><th>{MODELS['base']}</th><th>{MODELS['fine_tuned']}</th>
+</tr></thead><tbody>{image_rows}</tbody></table>
+</body></html>
+"""
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=()):
+    cfg = parse_settings(globals(), argv)
+    if cfg.java not in ("auto", "never"):
+        raise PipelineError(f"--java={cfg.java}: use auto or never")
+    mode = swanlab_run_mode(cfg.swanlab_mode)
+    checkpoint_dir, run_config = trained_adapter(cfg.checkpoint, cfg.output_dir)
+    eval_json = cfg.eval_json or run_config["test_json"]
+    references = {}
+    for sample in read_conversations(eval_json):
+        references.setdefault(sample["image_path"], []).append(sample["caption"])
+    refuse_training_images(references, run_config["train_json"])
+    use_java = cfg.java == "auto" and java_available()
+    if cfg.java == "auto" and not use_java:
+        print("Java was not found: scoring BLEU, ROUGE-L and CIDEr-D with a Python tokenizer that matches the PTB "
+              "tokenizer on caption text; METEOR and SPICE are skipped (install Java 8+ to get them)")
+
+    loaded = load_images(references, run_config["image_size"])
+    if not loaded:
+        raise PipelineError(f"none of the images in {eval_json} could be read")
+    images = [image for _, image in loaded]
+
+    from peft import PeftModel
+
+    base_model, processor = load_model_and_processor(cfg.model or run_config["model"], on_device=True)
+    lora_model = PeftModel.from_pretrained(base_model, checkpoint_dir).eval()
+    captions, seconds = {}, {}
+    for key in MODELS:
+        start = time.perf_counter()
+        with lora_model.disable_adapter() if key == "base" else contextlib.nullcontext():
+            captions[key] = generate_captions(lora_model, processor, images, run_config["prompt"],
+                                              cfg.max_new_tokens, cfg.batch_size)
+        seconds[key] = time.perf_counter() - start
+
+    metrics, skipped = {}, {}
+    for key in MODELS:
+        metrics[key], skipped = score_captions(
+            {path: references[path] for path, _ in loaded}, dict(zip((path for path, _ in loaded), captions[key])),
+            use_java)
+    table = metrics_table(metrics, skipped)
+    print(table)
+    rows = [{"image_path": path, "references": references[path], "base": base, "fine_tuned": tuned,
+             "thumbnail": thumbnail_data_uri(image)}
+            for (path, image), base, tuned in zip(loaded, captions["base"], captions["fine_tuned"])]
+
+    report_dir = cfg.report_dir or os.path.join(cfg.output_dir, "eval")
+    os.makedirs(report_dir, exist_ok=True)
+    title = f"Base vs fine-tuned captions: {len(rows)} images of {os.path.basename(eval_json)}"
+    write_json(os.path.join(report_dir, "metrics.json"), {
+        "checkpoint": os.path.abspath(checkpoint_dir), "eval_json": os.path.abspath(eval_json),
+        "tokenizer": "PTB (Java)" if use_java else "Python PTB-compatible", "metrics": metrics, "skipped": skipped,
+        "seconds": seconds, "images": [{k: v for k, v in row.items() if k != "thumbnail"} for row in rows],
+    })
+    with atomic_write(os.path.join(report_dir, "report.html"), encoding="utf-8") as file:
+        file.write(html_report(rows, metrics, skipped, title))
+    for key, label in MODELS.items():
+        print(f"{label}: {len(rows)} images in {seconds[key]:.1f} s ({len(rows) / seconds[key]:.2f} images/s)")
+    print(f"wrote {report_dir}/metrics.json and {report_dir}/report.html")
+    log_to_swanlab(cfg, mode, run_config, metrics, rows)
+
+
+def log_to_swanlab(cfg, mode, run_config, metrics, rows):
+    import swanlab
+
+    swanlab.init(project=cfg.swanlab_project, experiment_name="compare", config={**run_config, **vars(cfg)}, mode=mode)
+    swanlab.log({f"eval/{key}/{name}": value for key in MODELS for name, value in metrics[key].items()
+                 if value is not None})
+    table = swanlab.echarts.Table()
+    table.add(["metric", *MODELS.values()],
+              [[name, *(f"{metrics[key][name]:.4f}" if metrics[key][name] is not None else "skipped" for key in MODELS)]
+               for name in METRICS])
+    swanlab.log({"eval/metrics": table})
+    swanlab.log({"eval/captions": [
+        swanlab.Image(row["image_path"], caption=f"base: {row['base']} | fine-tuned: {row['fine_tuned']}")
+        for row in rows]})
+    swanlab.finish()
+
+
+if __name__ == "__main__":
+    run_script(main)
