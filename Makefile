@@ -1,5 +1,5 @@
 # Two commands do all the set-up:
-#   make pipeline   installs the pipeline into .venv and runs the four steps with their default settings
+#   make pipeline   installs the pipeline into .venv, runs the four steps with their default settings, then compare.py
 #   make test       installs the pipeline and pytest into .venv and runs the offline test suite
 PYTHON ?= python3
 SOURCE ?= modelscope  # data2csv.py's source: modelscope | coco | hf:<dataset id> | a local imagefolder
@@ -13,6 +13,7 @@ pipeline: $(VENV)/.pipeline-installed
 	$(BIN)/python csv2json.py
 	$(BIN)/python train.py $(TRAIN_ARGS)
 	$(BIN)/python infer.py
+	$(BIN)/python compare.py
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest
