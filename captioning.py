@@ -302,6 +302,13 @@ def resolve_model(model):
         ) from None
 
 
+def attention_implementation(device):
+    """FlashAttention 2 on a GPU where the flash-attn package is installed, else PyTorch's fused SDPA kernels."""
+    import importlib.util
+
+    return "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def load_model_and_processor(model, on_device=False):
     """Qwen2-VL and its processor from a local folder or hub id: bf16 on CUDA, fp32 on CPU, safetensors only;
     moved to the GPU (if any) when on_device, else left on the CPU for Trainer to place."""
@@ -310,7 +317,8 @@ def load_model_and_processor(model, on_device=False):
     path = resolve_model(model)
     device, dtype = device_and_dtype()
     processor = AutoProcessor.from_pretrained(path)
-    base_model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    base_model = Qwen2VLForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, attn_implementation=attention_implementation(device))
     return base_model.to(device) if on_device else base_model, processor
 
 

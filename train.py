@@ -54,6 +54,8 @@ max_length = 8192  # samples with more tokens are skipped, never cut through the
 logging_steps = 10
 save_steps = 100
 max_new_tokens = 128  # for the held-out captions generated after training
+gradient_checkpointing = "auto"  # auto: only on GPUs under 32 GiB (saves memory, costs ~1/3 more compute) | true | false
+dataloader_num_workers = 2  # processes that load and preprocess images while the GPU trains
 deepspeed = ""  # empty: none | zero2 | zero3 (the configs in deepspeed/) | path to a DeepSpeed JSON config
 resume = "auto"  # auto: continue an interrupted run from its newest checkpoint in output_dir | never: start afresh
 swanlab_mode = "auto"  # auto (cloud when logged in, else local) | cloud | local | offline | disabled
@@ -183,6 +185,16 @@ def report_skipped(skipped, what):
             print(f"  ... and {len(skipped) - 5} more")
 
 
+def use_gradient_checkpointing(choice):
+    """Recompute activations in the backward pass only where memory is short. auto is a rule of thumb from our
+    estimate (not a measurement) of ~1.5 GB of bf16 activations per 280x280 sample for Qwen2-VL-2B with LoRA."""
+    if choice in ("true", "false"):
+        return choice == "true"
+    if choice != "auto":
+        raise PipelineError(f"--gradient_checkpointing={choice}: use auto, true or false")
+    return torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 32 * 2**30
+
+
 def resolve_deepspeed(choice):
     """The DeepSpeed config file for the deepspeed setting, or None."""
     if not choice:
@@ -204,7 +216,8 @@ def newest_complete_checkpoint(output_dir):
 
 
 # settings that may change when a run is resumed: they do not shape the training itself
-RESUMABLE_CHANGES = {"resume", "debug", "swanlab_mode", "max_new_tokens", "logging_steps", "deepspeed"}
+RESUMABLE_CHANGES = {"resume", "debug", "swanlab_mode", "max_new_tokens", "logging_steps", "deepspeed",
+                     "gradient_checkpointing", "dataloader_num_workers"}
 
 
 def resume_point(cfg, is_main_process):
@@ -306,7 +319,9 @@ def main(argv=()):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
     )
-    base_model.enable_input_require_grads()  # lets gradient checkpointing reach the LoRA weights
+    checkpointing = use_gradient_checkpointing(cfg.gradient_checkpointing)
+    if checkpointing:
+        base_model.enable_input_require_grads()  # lets gradient checkpointing reach the LoRA weights
     lora_model = get_peft_model(base_model, lora_config)
     lora_model.print_trainable_parameters()
 
@@ -331,8 +346,10 @@ def main(argv=()):
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         save_steps=cfg.save_steps,
-        activation_checkpointing=True,
+        activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_persistent_workers=cfg.dataloader_num_workers > 0,
         bf16=device == "cuda",
         use_cpu=device == "cpu",
         seed=cfg.seed,

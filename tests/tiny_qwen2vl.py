@@ -40,8 +40,15 @@ CORPUS = [
 ]
 
 
-def build_tiny_qwen2vl(folder, seed=0):
-    """Write a tiny Qwen2-VL (model, tokenizer, processor, chat template) to `folder`."""
+TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048,
+                 rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+TINY_VISION = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2)
+
+
+def build_tiny_qwen2vl(folder, seed=0, text=TINY_TEXT, vision=TINY_VISION, vocab_size=None, dtype=None):
+    """Write a random-weight Qwen2-VL (model, tokenizer, processor, chat template) to `folder`: tiny by default,
+    or of the shape that `text` and `vision` (Qwen2VLConfig fields) and vocab_size give."""
     import torch
 
     bpe = Tokenizer(models.BPE())
@@ -54,7 +61,7 @@ def build_tiny_qwen2vl(folder, seed=0):
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
     )
-    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=560 * 560)
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=1280 * 28 * 28)
     processor = Qwen2VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -64,23 +71,14 @@ def build_tiny_qwen2vl(folder, seed=0):
     token_id = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            vocab_size=vocab_size or len(tokenizer),
             tie_word_embeddings=True,
+            **text,
             bos_token_id=token_id("<|endoftext|>"),
             eos_token_id=token_id("<|im_end|>"),
             pad_token_id=token_id("<|endoftext|>"),
         ),
-        vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=64, num_heads=2,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-        ),
+        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision),
         image_token_id=token_id("<|image_pad|>"),
         video_token_id=token_id("<|video_pad|>"),
         vision_start_token_id=token_id("<|vision_start|>"),
@@ -89,6 +87,8 @@ def build_tiny_qwen2vl(folder, seed=0):
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config)
+    if dtype is not None:
+        model = model.to(dtype)
     model.generation_config.eos_token_id = token_id("<|im_end|>")
     model.generation_config.pad_token_id = token_id("<|endoftext|>")
     model.save_pretrained(folder)

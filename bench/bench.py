@@ -1,0 +1,347 @@
+"""Benchmark this project's code path against a faithful re-implementation of the recipe's, in one run.
+
+    .venv/bin/python bench/bench.py                     # CPU: a scaled-down Qwen2-VL; CUDA: the real 2B shape
+    .venv/bin/python bench/bench.py --images=496 --train_steps=20
+
+Three measurements, each path in its own process so that peak memory is its own:
+1. data preparation, from data_vl.json to the first training batch: wall time and peak RSS;
+2. training: samples/s and tokens/s over steady-state steps (warm-up excluded), peak memory, and on CUDA the
+   model FLOPs utilisation;
+3. captioning: images/s of batched generation against one image at a time, and whether the captions agree.
+The model has random weights (speed does not depend on their values), so nothing is downloaded. Prints a table
+and writes bench/results.json.
+"""
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+
+from captioning import PipelineError, parse_settings, run_script, write_json  # noqa: E402
+
+# ----------------------------------------------------------------------------- settings
+images = 496  # training images at image_size x image_size, as in the recipe's published run
+image_size = 280
+train_steps = 8  # optimizer steps measured after warm-up
+warmup_steps = 2
+caption_images = 16
+max_new_tokens = 24
+model_size = "auto"  # auto: 2b on CUDA, small on CPU | 2b (Qwen2-VL-2B-Instruct's shape) | small
+output = "bench/results.json"
+part = ""  # internal: the one measurement a child process runs
+work_dir = ""  # internal: the shared data folder
+debug = False  # show the full traceback of a failure
+# -----------------------------------------------------------------------------
+
+# Qwen2-VL-2B-Instruct's published architecture (config.json), and a scaled-down one for CPUs
+SIZES = {
+    "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                         rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+               vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+               vocab_size=151936),
+    "small": dict(text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=32768,
+                            rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
+                  vision=dict(depth=4, embed_dim=256, hidden_size=256, num_heads=4, mlp_ratio=4),
+                  vocab_size=4096),
+}
+BATCH, ACCUMULATION = 4, 4  # the recipe's; the fast path takes the same 16 samples per step as one micro-batch
+CAPTIONS = ["A man riding a wave on top of a surfboard.", "Two dogs play with a frisbee in the park, near a bench.",
+            "A red bus drives down a busy street past tall buildings.", "A plate of food with broccoli and rice."]
+
+
+# ----------------------------------------------------------------------------- setup (parent process)
+
+def prepare(cfg, folder):
+    """Random-noise JPEGs, data_vl.json in the recipe's format, and a random-weight model folder."""
+    import numpy
+    from PIL import Image
+
+    from tiny_qwen2vl import build_tiny_qwen2vl
+
+    rng = numpy.random.default_rng(0)
+    entries = []
+    for number in range(cfg.images):
+        path = os.path.join(folder, "images", f"{number}.jpg")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (cfg.image_size, cfg.image_size, 3), dtype=numpy.uint8)).save(path)
+        entries.append({"id": f"identity_{number + 1}", "conversations": [
+            {"from": "user", "value": f"COCO Yes: <|vision_start|>{path}<|vision_end|>"},
+            {"from": "assistant", "value": CAPTIONS[number % len(CAPTIONS)]}]})
+    write_json(os.path.join(folder, "data_vl.json"), entries)
+    size = SIZES[cfg.model_size]
+    build_tiny_qwen2vl(os.path.join(folder, "model"), text=size["text"], vision=size["vision"],
+                       vocab_size=size["vocab_size"])
+
+
+# ----------------------------------------------------------------------------- the recipe's path
+
+def recipe_process_func(example, processor, image_size):
+    """The recipe's preprocessing, step for step: pixel values become Python lists stored by datasets.map,
+    and the labels end with the pad token. One addition: mm_token_type_ids, which transformers 5 requires."""
+    import torch
+    from PIL import Image
+
+    tokenizer = processor.tokenizer
+    user, assistant = example["conversations"]
+    file_path = user["value"].split("<|vision_start|>")[1].split("<|vision_end|>")[0]
+    messages = [{"role": "user", "content": [{"type": "image", "image": file_path, "resized_height": image_size,
+                                              "resized_width": image_size}, {"type": "text", "text": "COCO Yes:"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    image_inputs = [Image.open(file_path).convert("RGB").resize((image_size, image_size))]  # process_vision_info
+    inputs = processor(text=[text], images=image_inputs, padding=True, return_tensors="pt")
+    inputs = {key: value.tolist() for key, value in inputs.items()}
+    response = tokenizer(assistant["value"], add_special_tokens=False)
+    input_ids = inputs["input_ids"][0] + response["input_ids"] + [tokenizer.pad_token_id]
+    attention_mask = inputs["attention_mask"][0] + response["attention_mask"] + [1]
+    labels = [-100] * len(inputs["input_ids"][0]) + response["input_ids"] + [tokenizer.pad_token_id]
+    token_types = inputs["mm_token_type_ids"][0] + [0] * (len(input_ids) - len(inputs["input_ids"][0]))
+    return {"input_ids": torch.tensor(input_ids), "attention_mask": torch.tensor(attention_mask),
+            "labels": torch.tensor(labels), "pixel_values": torch.tensor(inputs["pixel_values"]),
+            "image_grid_thw": torch.tensor(inputs["image_grid_thw"]).squeeze(0),
+            "mm_token_type_ids": torch.tensor(token_types)}
+
+
+def recipe_loader(cfg, processor, count):
+    """datasets.map over the first `count` samples, then the recipe's DataCollatorForSeq2Seq."""
+    import datasets
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorForSeq2Seq
+
+    raw = datasets.Dataset.from_json(os.path.join(cfg.work_dir, "data_vl.json"),
+                                     cache_dir=os.path.join(cfg.work_dir, "hf_cache")).select(range(count))
+    mapped = raw.map(lambda example: recipe_process_func(example, processor, cfg.image_size),
+                     remove_columns=raw.column_names, cache_file_name=os.path.join(cfg.work_dir, "recipe_map.arrow"))
+    mapped.set_format("torch")
+    seq2seq = DataCollatorForSeq2Seq(tokenizer=processor.tokenizer, padding=True)
+
+    def collator(features):  # the recipe's collator, plus padding for mm_token_type_ids (transformers 5)
+        import torch
+
+        token_types = [feature.pop("mm_token_type_ids") for feature in features]
+        batch = seq2seq(features)
+        batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
+        for row, types in enumerate(token_types):
+            batch["mm_token_type_ids"][row, : len(types)] = types
+        return batch
+
+    return DataLoader(mapped, batch_size=BATCH, collate_fn=collator, shuffle=True)
+
+
+# ----------------------------------------------------------------------------- this project's path
+
+def project_loader(cfg, processor, count, batch_size):
+    from torch.utils.data import DataLoader
+
+    import train
+    from captioning import read_conversations
+
+    samples = read_conversations(os.path.join(cfg.work_dir, "data_vl.json"))[:count]
+    dataset = train.CaptionDataset(samples, processor, cfg.image_size, max_length=8192)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=train.CaptionCollator(processor.tokenizer.pad_token_id),
+                      shuffle=True, num_workers=2, persistent_workers=True)
+
+
+# ----------------------------------------------------------------------------- measurements (child processes)
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb():
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_data(cfg, path_name):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(os.path.join(cfg.work_dir, "model"))
+    baseline = current_rss_mb()
+    start = time.perf_counter()
+    if path_name == "recipe":
+        loader = recipe_loader(cfg, processor, cfg.images)
+    else:
+        loader = project_loader(cfg, processor, cfg.images, BATCH)
+    batch = next(iter(loader))
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "added_rss_mb": peak_rss_mb() - baseline,
+            "first_batch_pixel_rows": int(batch["pixel_values"].reshape(-1, batch["pixel_values"].shape[-1]).shape[0])}
+
+
+def model_and_device(cfg):
+    import torch
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from captioning import attention_implementation, device_and_dtype
+
+    device, dtype = device_and_dtype()
+    folder = os.path.join(cfg.work_dir, "model")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, attn_implementation=attention_implementation(device)).to(device)
+    torch.manual_seed(0)
+    return model, AutoProcessor.from_pretrained(folder), device, dtype
+
+
+def measure_training(cfg, path_name):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import train
+
+    model, processor, device, dtype = model_and_device(cfg)
+    recipe = path_name == "recipe"
+    if recipe:  # gradient checkpointing always on, 4 x 4 accumulation, the preprocessed dataset
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    micro_batch, accumulation = (BATCH, ACCUMULATION) if recipe else (BATCH * ACCUMULATION, 1)
+    if not recipe and train.use_gradient_checkpointing("auto"):
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=64, lora_alpha=16,
+                                             lora_dropout=0.05))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    steps = cfg.warmup_steps + cfg.train_steps
+    count = steps * BATCH * ACCUMULATION
+    loader = recipe_loader(cfg, processor, count) if recipe else project_loader(cfg, processor, count, micro_batch)
+    batches = iter(loader)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    samples = tokens = 0
+    for step in range(steps):
+        if step == cfg.warmup_steps:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start, samples, tokens = time.perf_counter(), 0, 0
+        for _ in range(accumulation):
+            batch = {key: value.to(device) for key, value in next(batches).items()}
+            with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
+                loss = model(**batch).loss / accumulation
+            loss.backward()
+            samples += batch["input_ids"].shape[0]
+            tokens += int(batch["attention_mask"].sum())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    result = {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds,
+              "micro_batch": micro_batch, "accumulation": accumulation, "peak_rss_mb": peak_rss_mb()}
+    if device == "cuda":
+        parameters = sum(p.numel() for p in model.parameters())
+        peak_flops = float(os.environ.get("BENCH_PEAK_TFLOPS", "989")) * 1e12  # H100/H200 dense bf16
+        result.update(peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20,
+                      mfu=6 * parameters * tokens / seconds / peak_flops)  # the usual 6 x parameters x tokens count
+    return result
+
+
+def measure_captioning(cfg, path_name):
+    from captioning import generate_captions, load_image
+
+    model, processor, device, _ = model_and_device(cfg)
+    model.eval()
+    paths = [os.path.join(cfg.work_dir, "images", f"{number}.jpg") for number in range(cfg.caption_images)]
+    loaded = [load_image(path, cfg.image_size) for path in paths]
+    generate_captions(model, processor, loaded[:2], "COCO Yes:", 4, batch_size=2)  # warm-up
+    start = time.perf_counter()
+    batch_size = 1 if path_name == "one_at_a_time" else len(loaded)
+    captions = generate_captions(model, processor, loaded, "COCO Yes:", cfg.max_new_tokens, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": len(loaded) / seconds, "seconds": seconds, "captions": captions}
+
+
+PARTS = {
+    "data/recipe": measure_data, "data/project": measure_data,
+    "train/recipe": measure_training, "train/project": measure_training,
+    "caption/one_at_a_time": measure_captioning, "caption/batched": measure_captioning,
+}
+
+
+# ----------------------------------------------------------------------------- main
+
+def run_part(name, cfg):
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), f"--part={name}", f"--work_dir={cfg.work_dir}",
+         *(f"--{key}={getattr(cfg, key)}" for key in ("images", "image_size", "train_steps", "warmup_steps",
+                                                     "caption_images", "max_new_tokens", "model_size"))],
+        capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"benchmark part {name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def table(results):
+    def ratio(ours, theirs):
+        return f"{ours / theirs:.1f}x"
+
+    data, training, caption = results["data"], results["train"], results["caption"]
+    rows = [
+        ("data prep: wall time (s)", data["recipe"]["seconds"], data["project"]["seconds"],
+         ratio(data["recipe"]["seconds"], data["project"]["seconds"]) + " less"),
+        ("data prep: peak RSS (MB)", data["recipe"]["peak_rss_mb"], data["project"]["peak_rss_mb"],
+         ratio(data["recipe"]["peak_rss_mb"], data["project"]["peak_rss_mb"]) + " less"),
+        ("data prep: RSS added after imports (MB)", data["recipe"]["added_rss_mb"], data["project"]["added_rss_mb"],
+         ratio(data["recipe"]["added_rss_mb"], data["project"]["added_rss_mb"]) + " less"),
+        ("training: samples/s", training["recipe"]["samples_per_s"], training["project"]["samples_per_s"],
+         ratio(training["project"]["samples_per_s"], training["recipe"]["samples_per_s"])),
+        ("training: tokens/s", training["recipe"]["tokens_per_s"], training["project"]["tokens_per_s"],
+         ratio(training["project"]["tokens_per_s"], training["recipe"]["tokens_per_s"])),
+        ("training: peak RSS (MB)", training["recipe"]["peak_rss_mb"], training["project"]["peak_rss_mb"], ""),
+    ]
+    if "peak_gpu_mb" in training["project"]:
+        rows += [("training: peak GPU memory (MB)", training["recipe"]["peak_gpu_mb"],
+                  training["project"]["peak_gpu_mb"], ""),
+                 ("training: MFU", training["recipe"]["mfu"], training["project"]["mfu"], "")]
+    rows.append(("captioning: images/s (one at a time | batched)", caption["one_at_a_time"]["images_per_s"],
+                 caption["batched"]["images_per_s"],
+                 ratio(caption["batched"]["images_per_s"], caption["one_at_a_time"]["images_per_s"])))
+    lines = [f"| {'measure':<48} | {'recipe':>10} | {'this project':>12} | {'ratio':>10} |",
+             f"|{'-' * 50}|{'-' * 12}:|{'-' * 14}:|{'-' * 12}:|"]
+    lines += [f"| {name:<48} | {theirs:>10.2f} | {ours:>12.2f} | {note:>10} |" for name, theirs, ours, note in rows]
+    same = caption["one_at_a_time"]["captions"] == caption["batched"]["captions"]
+    lines.append(f"\ncaptions identical batched and one at a time: {'yes' if same else 'NO'}")
+    return "\n".join(lines)
+
+
+def main(argv=()):
+    cfg = parse_settings(globals(), argv)
+    if cfg.part:
+        print(json.dumps(PARTS[cfg.part](cfg, cfg.part.split("/")[1])))
+        return
+    import torch
+    import transformers
+
+    if cfg.model_size == "auto":
+        cfg.model_size = "2b" if torch.cuda.is_available() else "small"
+    needed = (cfg.warmup_steps + cfg.train_steps) * BATCH * ACCUMULATION
+    if cfg.images < needed:
+        raise PipelineError(f"--images={cfg.images}: training {cfg.warmup_steps}+{cfg.train_steps} steps of "
+                            f"{BATCH * ACCUMULATION} samples needs at least {needed} images")
+    with tempfile.TemporaryDirectory() as folder:
+        cfg.work_dir = folder
+        print(f"preparing {cfg.images} images at {cfg.image_size}x{cfg.image_size} and a {cfg.model_size} model")
+        prepare(cfg, folder)
+        results = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                               "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+                               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+                   "settings": {key: getattr(cfg, key) for key in ("images", "image_size", "train_steps",
+                                                                   "warmup_steps", "caption_images", "max_new_tokens",
+                                                                   "model_size")}}
+        for name in PARTS:
+            print(f"measuring {name} ...", flush=True)
+            group, path_name = name.split("/")
+            results.setdefault(group, {})[path_name] = run_part(name, cfg)
+    print(table(results))
+    write_json(cfg.output, results)
+    print(f"wrote {cfg.output}")
+
+
+if __name__ == "__main__":
+    run_script(main)
