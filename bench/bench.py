@@ -113,18 +113,24 @@ def recipe_loader(cfg, processor, count):
     """datasets.map over the first `count` samples, then the recipe's DataCollatorForSeq2Seq."""
     import datasets
     from torch.utils.data import DataLoader
-    from transformers import DataCollatorForSeq2Seq
 
     raw = datasets.Dataset.from_json(os.path.join(cfg.work_dir, "data_vl.json"),
                                      cache_dir=os.path.join(cfg.work_dir, "hf_cache")).select(range(count))
     mapped = raw.map(lambda example: recipe_process_func(example, processor, cfg.image_size),
                      remove_columns=raw.column_names, cache_file_name=os.path.join(cfg.work_dir, "recipe_map.arrow"))
     mapped.set_format("torch")
+    return DataLoader(mapped, batch_size=BATCH, collate_fn=recipe_collator(processor), shuffle=True)
+
+
+def recipe_collator(processor):
+    """The recipe's DataCollatorForSeq2Seq, plus padding for mm_token_type_ids (which transformers 5 needs)."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
     seq2seq = DataCollatorForSeq2Seq(tokenizer=processor.tokenizer, padding=True)
 
-    def collator(features):  # the recipe's collator, plus padding for mm_token_type_ids (transformers 5)
-        import torch
-
+    def collate(features):
+        features = [dict(feature) for feature in features]
         token_types = [feature.pop("mm_token_type_ids") for feature in features]
         batch = seq2seq(features)
         batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
@@ -132,7 +138,7 @@ def recipe_loader(cfg, processor, count):
             batch["mm_token_type_ids"][row, : len(types)] = types
         return batch
 
-    return DataLoader(mapped, batch_size=BATCH, collate_fn=collator, shuffle=True)
+    return collate
 
 
 # ----------------------------------------------------------------------------- this project's path
