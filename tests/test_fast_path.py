@@ -70,3 +70,20 @@ def test_gradient_checkpointing_changes_neither_loss_nor_gradients(samples, tiny
     (loss_with, grads_with), (loss_without, grads_without) = results
     assert loss_with == pytest.approx(loss_without, abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_with, grads_without))
+
+
+def test_the_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
+    import json
+
+    from conftest import run
+
+    result = run("bench/bench.py", "--images=32", "--train_steps=1", "--warmup_steps=1", "--caption_images=2",
+                 "--max_new_tokens=4", f"--output={tmp_path}/results.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    for group, paths in {"data": ("recipe", "project"), "train": ("recipe", "project"),
+                         "caption": ("one_at_a_time", "batched")}.items():
+        assert set(results[group]) == set(paths), group
+    assert results["data"]["recipe"]["first_batch_pixel_rows"] == results["data"]["project"]["first_batch_pixel_rows"]
+    assert results["caption"]["one_at_a_time"]["captions"] == results["caption"]["batched"]["captions"]
+    assert "| training: samples/s" in result.stdout and "captions identical batched and one at a time: yes" in result.stdout
