@@ -245,11 +245,11 @@ def main(argv=()):
                                               cfg.max_new_tokens, cfg.batch_size)
         seconds[key] = time.perf_counter() - start
 
-    metrics, skipped = {}, {}
-    for key in MODELS:
-        metrics[key], skipped = score_captions(
-            {path: references[path] for path, _ in loaded}, dict(zip((path for path, _ in loaded), captions[key])),
-            use_java)
+    paths = [path for path, _ in loaded]
+    scored = {key: score_captions({path: references[path] for path in paths}, dict(zip(paths, captions[key])), use_java)
+              for key in MODELS}
+    metrics = {key: scores for key, (scores, _) in scored.items()}
+    skipped = scored["fine_tuned"][1]  # the same for both: it depends on Java and SPICE's models only
     table = metrics_table(metrics, skipped)
     print(table)
     rows = [{"image_path": path, "references": references[path], "base": base, "fine_tuned": tuned,
