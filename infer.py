@@ -36,6 +36,7 @@ output_path = "predictions.jsonl"
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
+
 def expand_images(spec):
     """Comma-separated paths and globs; a path that does not exist is kept so it is reported by name."""
     paths = []
