@@ -76,9 +76,11 @@ def prepare(cfg, folder):
             {"from": "user", "value": f"COCO Yes: <|vision_start|>{path}<|vision_end|>"},
             {"from": "assistant", "value": CAPTIONS[number % len(CAPTIONS)]}]})
     write_json(os.path.join(folder, "data_vl.json"), entries)
+    import torch
+
     size = SIZES[cfg.model_size]
     build_tiny_qwen2vl(os.path.join(folder, "model"), text=size["text"], vision=size["vision"],
-                       vocab_size=size["vocab_size"])
+                       vocab_size=size["vocab_size"], dtype=torch.bfloat16 if cfg.model_size == "2b" else None)
 
 
 # ----------------------------------------------------------------------------- the recipe's path
