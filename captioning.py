@@ -309,16 +309,16 @@ def attention_implementation(device):
     return "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
-def load_model_and_processor(model, on_device=False):
-    """Qwen2-VL and its processor from a local folder or hub id: bf16 on CUDA, fp32 on CPU, safetensors only;
-    moved to the GPU (if any) when on_device, else left on the CPU for Trainer to place."""
+def load_model_and_processor(model, on_device=False, dtype=None):
+    """Qwen2-VL and its processor from a local folder or hub id, safetensors only: in dtype if given, else bf16 on
+    CUDA and fp32 on CPU; moved to the GPU (if any) when on_device, else left on the CPU for Trainer to place."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     path = resolve_model(model)
-    device, dtype = device_and_dtype()
+    device, device_dtype = device_and_dtype()
     processor = AutoProcessor.from_pretrained(path)
     base_model = Qwen2VLForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, attn_implementation=attention_implementation(device))
+        path, dtype=dtype or device_dtype, use_safetensors=True, attn_implementation=attention_implementation(device))
     return base_model.to(device) if on_device else base_model, processor
 
 

@@ -13,8 +13,8 @@ import shutil
 from captioning import (
     RUN_CONFIG,
     PipelineError,
+    load_model_and_processor,
     parse_settings,
-    resolve_model,
     run_script,
     trained_adapter,
     write_json,
@@ -40,17 +40,16 @@ def main(argv=()):
     merged_dir = cfg.merged_dir or os.path.normpath(cfg.output_dir) + "-merged"
 
     from peft import PeftModel
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-    base_path = resolve_model(cfg.model or run_config["model"])
-    print(f"merging {checkpoint_dir} into {base_path}")
-    base_model = Qwen2VLForConditionalGeneration.from_pretrained(base_path, dtype=cfg.dtype, use_safetensors=True)
+    base = cfg.model or run_config["model"]
+    print(f"merging {checkpoint_dir} into {base}")
+    base_model, processor = load_model_and_processor(base, dtype=cfg.dtype)
     merged = PeftModel.from_pretrained(base_model, checkpoint_dir).merge_and_unload()
 
     staging = merged_dir.rstrip("/") + ".part"  # written whole, then renamed into place
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging)  # weights as safetensors, config and generation config
-    AutoProcessor.from_pretrained(base_path).save_pretrained(staging)  # processor, tokenizer, chat template
+    processor.save_pretrained(staging)  # processor, tokenizer, chat template
     write_json(os.path.join(staging, RUN_CONFIG), {**run_config, "merged_from": os.path.abspath(checkpoint_dir)})
     shutil.rmtree(merged_dir, ignore_errors=True)
     os.replace(staging, merged_dir)

@@ -186,16 +186,12 @@ def measure_data(cfg, path_name):
 
 def model_and_device(cfg):
     import torch
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-    from captioning import attention_implementation, device_and_dtype
+    from captioning import device_and_dtype, load_model_and_processor
 
-    device, dtype = device_and_dtype()
-    folder = os.path.join(cfg.work_dir, "model")
-    model = Qwen2VLForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, attn_implementation=attention_implementation(device)).to(device)
-    torch.manual_seed(0)
-    return model, AutoProcessor.from_pretrained(folder), device, dtype
+    model, processor = load_model_and_processor(os.path.join(cfg.work_dir, "model"), on_device=True)
+    torch.manual_seed(0)  # the same LoRA initialisation for both paths
+    return model, processor, *device_and_dtype()
 
 
 def measure_training(cfg, path_name):
