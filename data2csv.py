@@ -67,7 +67,7 @@ def modelscope_rows(cfg):
         from modelscope.msdatasets import MsDataset
 
         dataset = MsDataset.load(cfg.modelscope_dataset, subset_name=cfg.modelscope_subset, split=cfg.split)
-        for index in range(min(cfg.max_data_number, len(dataset))):
+        for index in range(len(dataset)):  # lazily: take() stops reading once it has enough
             item = dataset[index]
             yield Row(item["image_id"], item["caption"], lambda image=item["image"]: image)
     except PipelineError:

@@ -76,6 +76,11 @@ def test_modelscope_source_reads_the_recipe_fields(tmp_path, monkeypatch):
                                                                                                ("9", "the same cat")]
     assert os.listdir(tmp_path / "images") == ["9.jpg"]
 
+    data2csv.main([f"--image_dir={tmp_path}/images", f"--csv_path={tmp_path}/data.csv", "--max_data_number=1",
+                   "--all_captions=true"])  # one whole image: both of its captions
+    assert [(row["image_id"], row["caption"]) for row in read_csv(tmp_path / "data.csv")] == [("9", "a cat"),
+                                                                                               ("9", "the same cat")]
+
 
 def test_hub_dataset_source_with_a_list_of_captions(tmp_path):
     import datasets
