@@ -7,6 +7,7 @@ Holds out the last test_size distinct images (data_vl_test.json), trains on the 
 checkpoints and the final adapter with the processor files and run_config.json in output_dir, then captions the
 held-out images and logs them to SwanLab.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -24,7 +25,6 @@ from captioning import (
     PipelineError,
     build_messages,
     checkpoint_folders,
-    device_and_dtype,
     generate_captions,
     load_image,
     load_images,
@@ -44,7 +44,8 @@ test_size = 4  # distinct images held out for testing, taken from the end of the
 num_train_epochs = 2
 max_steps = -1  # > 0 overrides num_train_epochs
 per_device_train_batch_size = 4
-gradient_accumulation_steps = 4
+gradient_accumulation_steps = 4  # an optimizer step takes 4 x 4 = 16 samples on each GPU, as in the recipe
+micro_batch_size = "auto"  # samples per forward pass; auto: as many of a step's samples as fit in GPU memory | a number
 learning_rate = 1e-4
 lora_r = 64
 lora_alpha = 16
@@ -54,7 +55,9 @@ max_length = 8192  # samples with more tokens are skipped, never cut through the
 logging_steps = 10
 save_steps = 100
 max_new_tokens = 128  # for the held-out captions generated after training
-gradient_checkpointing = "auto"  # auto: only on GPUs under 32 GiB (saves memory, costs ~1/3 more compute) | true | false
+gradient_checkpointing = "auto"  # auto: only when memory needs it (it costs ~1/3 more compute) | true | false
+cache_image_features = "auto"  # auto: when training shows an image more than once (epochs, several captions) | true | false
+group_by_length = True  # batch samples of similar length together, so less compute goes to padding
 dataloader_num_workers = 2  # processes that load and preprocess images while the GPU trains
 deepspeed = ""  # empty: none | zero2 | zero3 (the configs in deepspeed/) | path to a DeepSpeed JSON config
 resume = "auto"  # auto: continue an interrupted run from its newest checkpoint in output_dir | never: start afresh
@@ -67,7 +70,7 @@ debug = False  # show the full traceback of a failure
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IGNORE_INDEX = -100  # label value the loss skips
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint: its presence marks a complete one
-IMAGE_KEYS = ("pixel_values", "image_grid_thw")  # per image, not per token: joined across a batch, never padded
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_features")  # per image: joined across a batch, never padded
 
 
 # ----------------------------------------------------------------------------- data
@@ -106,8 +109,12 @@ def prompt_inputs(processor, image, prompt):
 
 def encode_sample(processor, image, prompt, caption):
     """Token ids, labels and image tensors for one sample: only the caption and END_OF_TURN are supervised."""
-    inputs = prompt_inputs(processor, image, prompt)
-    answer = torch.tensor(answer_token_ids(processor, prompt, caption))
+    return with_answer(prompt_inputs(processor, image, prompt), answer_token_ids(processor, prompt, caption))
+
+
+def with_answer(inputs, answer_ids):
+    """The prompt's tensors with the answer appended to each per-token row; labels supervise only the answer."""
+    answer = torch.tensor(answer_ids)
     # per-token rows get the answer appended: its ids, mask 1, and 0 in extras such as mm_token_type_ids (text)
     answer_rows = {"input_ids": answer, "attention_mask": torch.ones_like(answer)}
     sample = {
@@ -119,43 +126,56 @@ def encode_sample(processor, image, prompt, caption):
 
 
 class CaptionDataset(Dataset):
-    """Samples encoded on the fly (nothing cached), after dropping those whose image is missing or that are too long."""
+    """Samples encoded on the fly, after dropping those whose image is missing or that are too long. Images are
+    preprocessed in every step that uses them, unless cache_image_features() has stored their vision features."""
 
     def __init__(self, samples, processor, image_size, max_length):
         self.processor, self.image_size = processor, image_size
-        blank = Image.new("RGB", (image_size, image_size))  # all images share this size, so a prompt's length
-        prompt_lengths = {}
-        self.samples, self.skipped = [], []
+        blank = Image.new("RGB", (image_size, image_size))  # all images share this size, so a prompt's tokens
+        self.prompt_tensors = {}  # ... depend only on its text
+        self.samples, self.lengths, self.skipped = [], [], []
         for sample in samples:
             if not os.path.isfile(sample["image_path"]):
                 self.skipped.append(f"image not found: {sample['image_path']}")
                 continue
             prompt = sample["prompt"]
-            if prompt not in prompt_lengths:  # ... depends only on its text
-                prompt_lengths[prompt] = prompt_inputs(processor, blank, prompt)["input_ids"].shape[1]
-            length = prompt_lengths[prompt] + len(answer_token_ids(processor, prompt, sample["caption"]))
+            if prompt not in self.prompt_tensors:
+                self.prompt_tensors[prompt] = prompt_inputs(processor, blank, prompt)
+            length = self.prompt_tensors[prompt]["input_ids"].shape[1] + len(
+                answer_token_ids(processor, prompt, sample["caption"]))
             if length > max_length:
                 self.skipped.append(f"{length} tokens > max_length={max_length}: {sample['image_path']}")
                 continue
             self.samples.append(sample)
+            self.lengths.append(length)
+        self.image_features = None  # image path -> the vision tower's output, once cached
+
+    def image_paths(self):
+        return list(dict.fromkeys(sample["image_path"] for sample in self.samples))
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         sample = self.samples[index]
-        image = load_image(sample["image_path"], self.image_size)
-        return encode_sample(self.processor, image, sample["prompt"], sample["caption"])
+        if self.image_features is None:
+            image = load_image(sample["image_path"], self.image_size)
+            return encode_sample(self.processor, image, sample["prompt"], sample["caption"])
+        inputs = {key: value for key, value in self.prompt_tensors[sample["prompt"]].items() if key != "pixel_values"}
+        inputs["image_features"] = self.image_features[sample["image_path"]]
+        return with_answer(inputs, answer_token_ids(self.processor, sample["prompt"], sample["caption"]))
 
 
 class CaptionCollator:
-    """Pads token sequences on the right and joins the images: pixel_values are concatenated patch rows and
-    image_grid_thw is stacked, so images of different sizes each keep their own patch count."""
+    """Pads token sequences on the right and joins the images: pixel_values (or cached image_features) are
+    concatenated rows and image_grid_thw is stacked, so images of different sizes each keep their own row count."""
 
     def __init__(self, pad_token_id):
         self.pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
 
     def __call__(self, samples):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
         batch = {}
         longest = max(len(sample["input_ids"]) for sample in samples)
         for key in samples[0]:
@@ -167,7 +187,35 @@ class CaptionCollator:
                 for row, value in enumerate(values):
                     padded[row, : len(value)] = value
                 batch[key] = padded
+        if "image_features" in batch:  # the model's own way to take precomputed vision features
+            batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(batch.pop("image_features"),))}
         return batch
+
+
+def encode_images(model, processor, paths, image_size, batch_size, process_index=0, num_processes=1):
+    """The frozen vision tower's features for each image, computed once instead of in every step that shows the
+    image. With several processes each encodes its share and all receive the whole set."""
+    from tqdm import tqdm
+
+    base_model = model.get_base_model()
+    device = next(base_model.parameters()).device
+    features = {}
+    mine = paths[process_index::num_processes]
+    with torch.no_grad(), tqdm(total=len(mine), desc="encoding images", unit="image",
+                               disable=process_index != 0) as progress:
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            pixels = processor.image_processor(images=[load_image(path, image_size) for path in chunk],
+                                               return_tensors="pt")
+            encoded = base_model.get_image_features(pixels["pixel_values"].to(device),
+                                                    pixels["image_grid_thw"].to(device))
+            features.update(zip(chunk, (feature.cpu() for feature in encoded.pooler_output)))
+            progress.update(len(chunk))
+    if num_processes > 1:
+        shares = [None] * num_processes
+        torch.distributed.all_gather_object(shares, features)
+        features = {path: feature for share in shares for path, feature in share.items()}
+    return features
 
 
 # ----------------------------------------------------------------------------- main
@@ -185,14 +233,121 @@ def report_skipped(skipped, what):
             print(f"  ... and {len(skipped) - 5} more")
 
 
-def use_gradient_checkpointing(choice):
-    """Recompute activations in the backward pass only where memory is short. auto is a rule of thumb from our
-    estimate (not a measurement) of ~1.5 GB of bf16 activations per 280x280 sample for Qwen2-VL-2B with LoRA."""
-    if choice in ("true", "false"):
-        return choice == "true"
-    if choice != "auto":
-        raise PipelineError(f"--gradient_checkpointing={choice}: use auto, true or false")
-    return torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory < 32 * 2**30
+def step_plan(cfg, fits):
+    """(micro-batch size, gradient checkpointing) for optimizer steps of per_device_train_batch_size x
+    gradient_accumulation_steps samples. Where a setting is auto, the first candidate for which fits(size,
+    checkpointing) holds wins: the largest micro-batches without checkpointing, down to the recipe's size, then
+    with checkpointing, which recomputes the forward pass but keeps the GPU busy with large micro-batches."""
+    step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    sizes = [size for size in range(step_samples, 0, -1) if step_samples % size == 0]
+    if cfg.micro_batch_size != "auto":
+        if not str(cfg.micro_batch_size).isdigit() or int(cfg.micro_batch_size) not in sizes:
+            raise PipelineError(f"--micro_batch_size={cfg.micro_batch_size}: use auto or a number that divides the "
+                                f"{step_samples} samples of a step ({', '.join(map(str, sizes))})")
+        sizes = [int(cfg.micro_batch_size)]
+    if cfg.gradient_checkpointing not in ("auto", "true", "false"):
+        raise PipelineError(f"--gradient_checkpointing={cfg.gradient_checkpointing}: use auto, true or false")
+    if cfg.gradient_checkpointing == "auto":
+        unchecked = [size for size in sizes if size >= cfg.per_device_train_batch_size] or sizes
+        candidates = [(size, False) for size in unchecked] + [(size, True) for size in sizes]
+    else:
+        candidates = [(size, cfg.gradient_checkpointing == "true") for size in sizes]
+    for candidate in candidates[:-1]:
+        if fits(*candidate):
+            return candidate
+    return candidates[-1]  # the most frugal choice is taken untried: if even it is too big, training says so
+
+
+def memory_probe(model, dataset, collator, num_processes):
+    """fits(size, checkpointing): whether one forward and backward pass over the size longest samples fits in the
+    memory of every process's GPU, tried on the model itself."""
+    from accelerate.utils import send_to_device
+
+    longest = sorted(range(len(dataset)), key=dataset.lengths.__getitem__, reverse=True)
+    device = next(model.parameters()).device
+
+    def fits_here(size, checkpointing):
+        set_gradient_checkpointing(model, checkpointing)
+        try:
+            batch = send_to_device(collator([dataset[index] for index in longest[:size]]), device)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(**batch).loss.backward()
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+
+    def fits(size, checkpointing):
+        everywhere = torch.tensor([int(fits_here(size, checkpointing))], device=device)
+        if num_processes > 1:  # every process must choose the same plan
+            torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
+        return bool(everywhere.item())
+
+    return fits
+
+
+def set_gradient_checkpointing(model, enabled):
+    base_model = model.get_base_model()
+    if enabled == base_model.is_gradient_checkpointing:
+        return
+    if enabled:
+        base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base_model.enable_input_require_grads()  # lets the recomputed layers pass gradients on to the LoRA weights
+    else:
+        base_model.gradient_checkpointing_disable()
+        base_model.disable_input_require_grads()
+
+
+def use_feature_cache(cfg, dataset, model, deepspeed_config, num_processes):
+    """Whether to compute each image's vision features once: exact, because LoRA leaves the vision tower frozen,
+    and faster whenever training shows an image more than once."""
+    if cfg.cache_image_features not in ("auto", "true", "false"):
+        raise PipelineError(f"--cache_image_features={cfg.cache_image_features}: use auto, true or false")
+    if cfg.cache_image_features == "false":
+        return False
+    zero3 = False
+    if deepspeed_config:
+        with open(deepspeed_config, encoding="utf-8") as file:
+            zero3 = json.load(file).get("zero_optimization", {}).get("stage") == 3
+    vision_tower = model.get_base_model().model.visual
+    obstacle = ("the adapter trains part of the vision tower" if any(p.requires_grad for p in vision_tower.parameters())
+                else "DeepSpeed ZeRO-3 splits the vision tower across GPUs" if zero3 else None)
+    if obstacle and cfg.cache_image_features == "true":
+        raise PipelineError(f"--cache_image_features=true cannot be used: {obstacle}. Use auto or false")
+    if obstacle or cfg.cache_image_features == "true":
+        return not obstacle
+    images = len(dataset.image_paths())
+    step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
+    shown = cfg.max_steps * step_samples if cfg.max_steps > 0 else len(dataset) * cfg.num_train_epochs
+    size = images * (cfg.image_size // 28) ** 2 * model.config.text_config.hidden_size * model.dtype.itemsize
+    import psutil
+
+    if size > psutil.virtual_memory().available / 2:
+        print(f"not caching image features: they would take {size / 2**30:.1f} GiB of memory")
+        return False
+    return shown > images
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Shuffles the samples each epoch, then sorts them by length within groups of steps, so that a step's samples
+    have similar lengths and little compute goes to padding. The same order on every process, and after a resume."""
+
+    def __init__(self, lengths, step_samples, seed):
+        self.lengths, self.step_samples, self.seed, self.epoch = lengths, step_samples, seed, 0
+
+    def set_epoch(self, epoch):  # Trainer calls it at the start of every epoch
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.step_samples, generator=generator))
 
 
 def resolve_deepspeed(choice):
@@ -217,7 +372,7 @@ def newest_complete_checkpoint(output_dir):
 
 # settings that may change when a run is resumed: they do not shape the training itself
 RESUMABLE_CHANGES = {"resume", "debug", "swanlab_mode", "max_new_tokens", "logging_steps", "deepspeed",
-                     "gradient_checkpointing", "dataloader_num_workers"}
+                     "gradient_checkpointing", "dataloader_num_workers", "micro_batch_size", "cache_image_features"}
 
 
 def resume_point(cfg, is_main_process):
@@ -305,7 +460,7 @@ def main(argv=()):
             "set it to one GPU, e.g. CUDA_VISIBLE_DEVICES=0, or launch one process per GPU with torchrun"
         )
     set_seed(cfg.seed)
-    base_model, processor = load_model_and_processor(cfg.model)  # Trainer moves it to this process's device
+    base_model, processor = load_model_and_processor(cfg.model)
     dataset = CaptionDataset(train_samples, processor, cfg.image_size, cfg.max_length)
     if is_main_process:
         report_skipped(dataset.skipped, "training samples")
@@ -319,24 +474,10 @@ def main(argv=()):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
     )
-    checkpointing = use_gradient_checkpointing(cfg.gradient_checkpointing)
-    if checkpointing:
-        base_model.enable_input_require_grads()  # lets gradient checkpointing reach the LoRA weights
     lora_model = get_peft_model(base_model, lora_config)
     lora_model.print_trainable_parameters()
 
-    model_path = os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # usable from any folder
-    run_config = {**vars(cfg), "model": model_path, "prompt": prompt, "train_json": os.path.abspath(train_json),
-                  "test_json": os.path.abspath(test_json), "swanlab_mode_used": mode,
-                  "world_size": int(os.environ.get("WORLD_SIZE", "1"))}
-    if is_main_process:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        write_json(os.path.join(cfg.output_dir, RUN_CONFIG), run_config)
-    swanlab.init(project=cfg.swanlab_project, experiment_name=os.path.basename(os.path.normpath(cfg.output_dir)),
-                 config=run_config, mode=mode)
-
-    device, _ = device_and_dtype()
-    args = TrainingArguments(
+    args = TrainingArguments(  # also joins this process to the others under torchrun and picks its device
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -346,23 +487,57 @@ def main(argv=()):
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         save_steps=cfg.save_steps,
-        activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=cfg.dataloader_num_workers,
         dataloader_persistent_workers=cfg.dataloader_num_workers > 0,
-        bf16=device == "cuda",
-        use_cpu=device == "cpu",
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
         seed=cfg.seed,
         report_to="none",  # SwanLab is attached below as a callback
         remove_unused_columns=False,  # the collator needs pixel_values and image_grid_thw
         deepspeed=deepspeed_config,
         ddp_find_unused_parameters=False,  # LoRA uses every adapter weight in each step
     )
-    trainer = Trainer(
+    lora_model.to(args.device)
+    step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    cached = use_feature_cache(cfg, dataset, lora_model, deepspeed_config, args.world_size)
+    if cached:
+        dataset.image_features = encode_images(lora_model, processor, dataset.image_paths(), cfg.image_size,
+                                               step_samples, args.process_index, args.world_size)
+    collator = CaptionCollator(processor.tokenizer.pad_token_id)
+    fits = memory_probe(lora_model, dataset, collator, args.world_size) if args.device.type == "cuda" else (
+        lambda size, checkpointing: True)  # a CPU's memory is the machine's: nothing to probe
+    micro_batch, checkpointing = step_plan(cfg, fits)
+    set_gradient_checkpointing(lora_model, checkpointing)
+    args = dataclasses.replace(args, per_device_train_batch_size=micro_batch, activation_checkpointing=checkpointing,
+                               gradient_accumulation_steps=step_samples // micro_batch)
+    if is_main_process:
+        print(f"each step: {step_samples // micro_batch} micro-batch(es) of {micro_batch} samples, gradient "
+              f"checkpointing {'on' if checkpointing else 'off'}, image features "
+              f"{'computed once' if cached else 'computed in every step'}")
+
+    model_path = os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # usable from any folder
+    run_config = {**vars(cfg), "model": model_path, "prompt": prompt, "train_json": os.path.abspath(train_json),
+                  "test_json": os.path.abspath(test_json), "swanlab_mode_used": mode,
+                  "world_size": args.world_size, "micro_batch_size_used": micro_batch,
+                  "gradient_checkpointing_used": checkpointing, "image_features_cached": cached}
+    if is_main_process:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        write_json(os.path.join(cfg.output_dir, RUN_CONFIG), run_config)
+    swanlab.init(project=cfg.swanlab_project, experiment_name=os.path.basename(os.path.normpath(cfg.output_dir)),
+                 config=run_config, mode=mode)
+
+    class CaptionTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):  # the dataset knows its lengths: none need encoding
+            if not cfg.group_by_length:
+                return super()._get_train_sampler(train_dataset)
+            return LengthGroupedSampler(dataset.lengths, step_samples * args.world_size, cfg.seed)
+
+    trainer = CaptionTrainer(
         model=lora_model,
         args=args,
         train_dataset=dataset,
-        data_collator=CaptionCollator(processor.tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=processor,  # so every checkpoint folder also holds the processor files
         callbacks=[SwanLabCallback()],
     )

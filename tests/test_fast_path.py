@@ -1,10 +1,13 @@
 """The fast path computes what the recipe's path computes: same inputs, same loss on the same batch, and
-gradient checkpointing changes nothing but memory and time."""
+gradient checkpointing, cached image features, micro-batch sizes and length grouping change nothing but speed."""
+import json
+
 import pytest
 import torch
 from PIL import Image
 
 import train
+from captioning import PipelineError
 from bench.bench import recipe_collator, recipe_process_func
 
 CAPTIONS = ["a red square on a table", "a green field under the sky", "a blue boat", "a yellow cat sleeping"]
@@ -23,6 +26,34 @@ def samples(tmp_path_factory, tiny_processor):
         ours = train.encode_sample(tiny_processor, train.load_image(str(path), 56), "COCO Yes:", caption)
         encoded.append((recipe, ours))
     return encoded
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny_processor, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cache")
+    entries = []
+    for number, caption in enumerate(CAPTIONS + [caption + " again" for caption in CAPTIONS]):
+        path = folder / f"{number % 4}.png"
+        Image.new("RGB", (70, 50), (60 * (number % 4), 255 - 50 * (number % 4), 90)).save(path)
+        entries.append({"image_path": str(path), "prompt": "COCO Yes:", "caption": caption})  # each image twice
+    return train.CaptionDataset(entries, tiny_processor, image_size=56, max_length=8192)
+
+
+def lora_model(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
+    return get_peft_model(model, LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=8, lora_dropout=0,
+                                            init_lora_weights=False))
+
+
+def loss_and_gradients(model, batch):
+    model.zero_grad()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
 def test_on_the_fly_preprocessing_gives_the_recipe_s_tensors(samples, tiny_processor):
@@ -77,7 +108,7 @@ def test_the_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
 
     from conftest import run
 
-    result = run("bench/bench.py", "--images=32", "--train_steps=1", "--warmup_steps=1", "--caption_images=2",
+    result = run("bench/bench.py", "--images=32", "--epochs=1", "--warmup_steps=1", "--caption_images=2",
                  "--max_new_tokens=4", f"--output={tmp_path}/results.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-5000:]
     results = json.loads((tmp_path / "results.json").read_text())
@@ -87,3 +118,119 @@ def test_the_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
     assert results["data"]["recipe"]["first_batch_pixel_rows"] == results["data"]["project"]["first_batch_pixel_rows"]
     assert results["caption"]["one_at_a_time"]["captions"] == results["caption"]["batched"]["captions"]
     assert "| training: samples/s" in result.stdout and "captions identical batched and one at a time: yes" in result.stdout
+
+
+def test_cached_image_features_give_the_same_loss_and_gradients(dataset, tiny_model, tiny_processor):
+    model = lora_model(tiny_model)
+    collate = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)
+    dataset.image_features = None
+    loss_computed, grads_computed = loss_and_gradients(model, collate([dataset[i] for i in range(len(dataset))]))
+    dataset.image_features = train.encode_images(model, tiny_processor, dataset.image_paths(), 56, batch_size=3)
+    cached = collate([dataset[i] for i in range(len(dataset))])
+    assert "pixel_values" not in cached and len(dataset.image_features) == 4  # each image encoded once
+    loss_cached, grads_cached = loss_and_gradients(model, cached)
+    dataset.image_features = None
+    assert loss_cached == pytest.approx(loss_computed, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_cached, grads_computed))
+
+
+def test_feature_cache_is_used_only_where_it_is_exact_and_pays(dataset, tiny_model):
+    from types import SimpleNamespace
+
+    model = lora_model(tiny_model)
+    cfg = SimpleNamespace(cache_image_features="auto", per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                          max_steps=-1, num_train_epochs=1, image_size=56)
+    assert train.use_feature_cache(cfg, dataset, model, None, 1)  # 8 samples show 4 images twice each
+    cfg.max_steps = 2  # 2 steps of 2 samples: each image at most once
+    assert not train.use_feature_cache(cfg, dataset, model, None, 1)
+    cfg.cache_image_features = "true"
+    assert train.use_feature_cache(cfg, dataset, model, None, 1)
+    cfg.cache_image_features = "false"
+    assert not train.use_feature_cache(cfg, dataset, model, None, 1)
+
+    model.get_base_model().model.visual.merger.mlp[0].weight.requires_grad_(True)  # a vision tower that trains
+    for choice, expected in (("auto", False), ("true", "the adapter trains part of the vision tower")):
+        cfg.cache_image_features = choice
+        if expected:
+            with pytest.raises(PipelineError, match=expected):
+                train.use_feature_cache(cfg, dataset, model, None, 1)
+        else:
+            assert not train.use_feature_cache(cfg, dataset, model, None, 1)
+
+
+def test_step_plan_prefers_large_micro_batches_then_checkpointing():
+    from types import SimpleNamespace
+
+    def plan(fits, micro_batch_size="auto", gradient_checkpointing="auto"):
+        tried = []
+
+        def recording_fits(size, checkpointing):
+            tried.append((size, checkpointing))
+            return fits(size, checkpointing)
+
+        cfg = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                              micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing)
+        return train.step_plan(cfg, recording_fits), tried
+
+    assert plan(lambda size, checkpointing: True) == ((16, False), [(16, False)])
+    # activations of a sample take 3 units without checkpointing and 1 with it; the GPU holds 12
+    assert plan(lambda size, checkpointing: size * (1 if checkpointing else 3) <= 12) == (
+        (4, False), [(16, False), (8, False), (4, False)])
+    assert plan(lambda size, checkpointing: size * (1 if checkpointing else 3) <= 10) == (
+        (8, True), [(16, False), (8, False), (4, False), (16, True), (8, True)])
+    assert plan(lambda size, checkpointing: False)[0] == (1, True)  # the last resort is taken untried
+    assert plan(lambda size, checkpointing: False, micro_batch_size="8", gradient_checkpointing="false") == (
+        (8, False), [])
+    assert plan(lambda size, checkpointing: size <= 2, gradient_checkpointing="true") == (
+        (2, True), [(16, True), (8, True), (4, True), (2, True)])
+    with pytest.raises(PipelineError, match=r"--micro_batch_size=5: use auto or a number that divides the 16 samples "
+                                            r"of a step \(16, 8, 4, 2, 1\)"):
+        plan(lambda size, checkpointing: True, micro_batch_size="5")
+
+
+def test_length_grouped_steps_keep_every_sample_once_waste_less_and_repeat_their_order():
+    generator = torch.Generator().manual_seed(0)
+    lengths = (120 + torch.randint(8, 30, (496,), generator=generator)).tolist()  # a prompt and a COCO caption
+    sampler = train.LengthGroupedSampler(lengths, step_samples=16, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(496))
+    assert list(sampler) == first  # the same epoch, the same order: a resumed run sees what it would have seen
+    sampler.set_epoch(1)
+    assert sorted(sampler) == list(range(496)) and list(sampler) != first
+
+    def padding(order):
+        steps = [[lengths[index] for index in order[start:start + 16]] for start in range(0, 496, 16)]
+        return sum(max(step) * len(step) - sum(step) for step in steps)
+
+    shuffled = torch.randperm(496, generator=generator).tolist()
+    assert padding(first) < padding(shuffled) / 4
+
+
+def test_training_the_fast_way_matches_the_recipe_s_way_step_for_step(tmp_path, tiny_model, dataset):
+    from conftest import run
+
+    entries = [{"id": f"identity_{number}", "conversations": [
+        {"from": "user", "value": f"COCO Yes: <|vision_start|>{sample['image_path']}<|vision_end|>"},
+        {"from": "assistant", "value": sample["caption"]}]} for number, sample in enumerate(dataset.samples)]
+    (tmp_path / "data_vl.json").write_text(json.dumps(entries))
+    # 2 images (4 samples) train: a step takes all 4 samples, so no way of ordering them can change a step
+    common = [f"--model={tiny_model}", f"--json_path={tmp_path}/data_vl.json", "--test_size=2", "--image_size=56",
+              "--num_train_epochs=4", "--save_steps=4", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=2",
+              "--learning_rate=5e-3", "--lora_dropout=0", "--logging_steps=1", "--swanlab_mode=disabled",
+              "--dataloader_num_workers=0"]
+    losses = {}
+    for name, options in {"recipe": ["--micro_batch_size=2", "--cache_image_features=false", "--group_by_length=false",
+                                     "--gradient_checkpointing=true"],
+                          "fast": []}.items():
+        result = run("train.py", *common, *options, f"--output_dir={tmp_path}/{name}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-5000:]
+        with open(tmp_path / name / "checkpoint-4" / "trainer_state.json") as file:
+            losses[name] = [entry["loss"] for entry in json.load(file)["log_history"] if "loss" in entry]
+        run_config = json.loads((tmp_path / name / "run_config.json").read_text())
+        losses[name + " plan"] = {key: run_config[key] for key in (
+            "micro_batch_size_used", "gradient_checkpointing_used", "image_features_cached")}
+    assert losses["recipe plan"] == {"micro_batch_size_used": 2, "gradient_checkpointing_used": True,
+                                     "image_features_cached": False}
+    assert losses["fast plan"] == {"micro_batch_size_used": 4, "gradient_checkpointing_used": False,
+                                   "image_features_cached": True}
+    assert len(losses["fast"]) == 4 and losses["fast"] == pytest.approx(losses["recipe"], abs=1e-5)
