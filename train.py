@@ -14,6 +14,7 @@ import os
 import shutil
 from collections import Counter
 
+import psutil
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -273,7 +274,7 @@ def memory_probe(model, dataset, collator, num_processes):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 model(**batch).loss.backward()
             return True
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             return False
         finally:
             model.zero_grad(set_to_none=True)
@@ -314,16 +315,16 @@ def use_feature_cache(cfg, dataset, model, deepspeed_config, num_processes):
     vision_tower = model.get_base_model().model.visual
     obstacle = ("the adapter trains part of the vision tower" if any(p.requires_grad for p in vision_tower.parameters())
                 else "DeepSpeed ZeRO-3 splits the vision tower across GPUs" if zero3 else None)
-    if obstacle and cfg.cache_image_features == "true":
-        raise PipelineError(f"--cache_image_features=true cannot be used: {obstacle}. Use auto or false")
-    if obstacle or cfg.cache_image_features == "true":
-        return not obstacle
+    if obstacle:
+        if cfg.cache_image_features == "true":
+            raise PipelineError(f"--cache_image_features=true cannot be used: {obstacle}. Use auto or false")
+        return False
+    if cfg.cache_image_features == "true":
+        return True
     images = len(dataset.image_paths())
     step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
     shown = cfg.max_steps * step_samples if cfg.max_steps > 0 else len(dataset) * cfg.num_train_epochs
     size = images * (cfg.image_size // 28) ** 2 * model.config.text_config.hidden_size * model.dtype.itemsize
-    import psutil
-
     if size > psutil.virtual_memory().available / 2:
         print(f"not caching image features: they would take {size / 2**30:.1f} GiB of memory")
         return False
@@ -541,7 +542,14 @@ def main(argv=()):
         processing_class=processor,  # so every checkpoint folder also holds the processor files
         callbacks=[SwanLabCallback()],
     )
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except torch.cuda.OutOfMemoryError:
+        raise PipelineError(
+            f"the GPU ran out of memory in training (micro-batches of {micro_batch}, gradient checkpointing "
+            f"{'on' if checkpointing else 'off'}). Run again to continue from the last checkpoint with a smaller "
+            "--micro_batch_size, --gradient_checkpointing=true or a smaller --image_size"
+        ) from None
     save_final_adapter(trainer, processor, cfg.output_dir)
     if not is_main_process:
         return

@@ -155,11 +155,11 @@ def project_dataset(cfg, processor, count):
     return train.CaptionDataset(samples, processor, cfg.image_size, max_length=8192)
 
 
-def project_loader(dataset, collator, batch_size, sampler=None):
+def project_loader(dataset, collator, batch_size, sampler=None, workers=2):
     from torch.utils.data import DataLoader
 
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collator, sampler=sampler, shuffle=sampler is None,
-                      num_workers=2, persistent_workers=True)
+                      num_workers=workers, persistent_workers=workers > 0)
 
 
 # ----------------------------------------------------------------------------- measurements (child processes)
@@ -185,7 +185,8 @@ def measure_data(cfg, path_name):
         import train
 
         dataset = project_dataset(cfg, processor, cfg.images)
-        loader = project_loader(dataset, train.CaptionCollator(processor.tokenizer.pad_token_id), BATCH)
+        # no worker processes here, so that the peak RSS of this process holds all the preparation's memory
+        loader = project_loader(dataset, train.CaptionCollator(processor.tokenizer.pad_token_id), BATCH, workers=0)
     batch = next(iter(loader))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "added_rss_mb": peak_rss_mb() - baseline,
@@ -323,7 +324,7 @@ def table(results):
         ("training: tokens/s", training["recipe"]["tokens_per_s"], training["project"]["tokens_per_s"],
          ratio(training["project"]["tokens_per_s"], training["recipe"]["tokens_per_s"])),
         ("training: peak RSS (MB)", training["recipe"]["peak_rss_mb"], training["project"]["peak_rss_mb"], ""),
-        ("training: of which encoding images once (s)", 0.0, training["project"]["encode_seconds"], ""),
+        ("training: encoding images once, included (s)", 0.0, training["project"]["encode_seconds"], ""),
     ]
     if "peak_gpu_mb" in training["project"]:
         rows += [("training: peak GPU memory (MB)", training["recipe"]["peak_gpu_mb"],

@@ -1,6 +1,7 @@
 """The fast path computes what the recipe's path computes: same inputs, same loss on the same batch, and
 gradient checkpointing, cached image features, micro-batch sizes and length grouping change nothing but speed."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -135,8 +136,6 @@ def test_cached_image_features_give_the_same_loss_and_gradients(dataset, tiny_mo
 
 
 def test_feature_cache_is_used_only_where_it_is_exact_and_pays(dataset, tiny_model):
-    from types import SimpleNamespace
-
     model = lora_model(tiny_model)
     cfg = SimpleNamespace(cache_image_features="auto", per_device_train_batch_size=2, gradient_accumulation_steps=1,
                           max_steps=-1, num_train_epochs=1, image_size=56)
@@ -159,8 +158,6 @@ def test_feature_cache_is_used_only_where_it_is_exact_and_pays(dataset, tiny_mod
 
 
 def test_step_plan_prefers_large_micro_batches_then_checkpointing():
-    from types import SimpleNamespace
-
     def plan(fits, micro_batch_size="auto", gradient_checkpointing="auto"):
         tried = []
 
@@ -186,6 +183,29 @@ def test_step_plan_prefers_large_micro_batches_then_checkpointing():
     with pytest.raises(PipelineError, match=r"--micro_batch_size=5: use auto or a number that divides the 16 samples "
                                             r"of a step \(16, 8, 4, 2, 1\)"):
         plan(lambda size, checkpointing: True, micro_batch_size="5")
+
+
+def test_the_memory_probe_tries_the_longest_samples_and_leaves_the_model_as_it_was(dataset, tiny_model, tiny_processor):
+    model = lora_model(tiny_model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tried = []
+    forward = model.forward
+
+    def forward_on_a_small_gpu(**batch):  # as if the GPU held 3 samples' activations, or 10 with checkpointing
+        tried.append(batch["input_ids"].shape)
+        if batch["input_ids"].shape[0] > (10 if model.get_base_model().is_gradient_checkpointing else 3):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return forward(**batch)
+
+    model.forward = forward_on_a_small_gpu
+    fits = train.memory_probe(model, dataset, train.CaptionCollator(tiny_processor.tokenizer.pad_token_id), 1)
+    cfg = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, micro_batch_size="auto",
+                          gradient_checkpointing="auto")
+    assert train.step_plan(cfg, fits) == (8, True)  # 8 and 4 without checkpointing do not fit; 8 with it does
+    longest = max(len(dataset[index]["input_ids"]) for index in range(len(dataset)))
+    assert [shape[0] for shape in tried] == [8, 4, 8] and tried[1][1] == longest  # the longest samples first
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
 def test_length_grouped_steps_keep_every_sample_once_waste_less_and_repeat_their_order():
