@@ -169,7 +169,8 @@ class CaptionDataset(Dataset):
 
 class CaptionCollator:
     """Pads token sequences on the right and joins the images: pixel_values (or cached image_features) are
-    concatenated rows and image_grid_thw is stacked, so images of different sizes each keep their own row count."""
+    concatenated rows and image_grid_thw is stacked, so images of different sizes each keep their own row count.
+    Marks the positions whose logits the loss needs (logits_to_keep) with their targets (shift_labels)."""
 
     def __init__(self, pad_token_id):
         self.pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
@@ -190,6 +191,10 @@ class CaptionCollator:
                 batch[key] = padded
         if "image_features" in batch:  # the model's own way to take precomputed vision features
             batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(batch.pop("image_features"),))}
+        # logits only where the next token is supervised: elsewhere the vocabulary-wide projection is thrown away
+        next_labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+        batch["logits_to_keep"] = next_labels != IGNORE_INDEX
+        batch["shift_labels"] = next_labels[batch["logits_to_keep"]]
         return batch
 
 
@@ -271,7 +276,7 @@ def memory_probe(model, dataset, collator, num_processes):
         set_gradient_checkpointing(model, checkpointing)
         try:
             batch = send_to_device(collator([dataset[index] for index in longest[:size]]), device)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 model(**batch).loss.backward()
             return True
         except torch.cuda.OutOfMemoryError:

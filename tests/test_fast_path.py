@@ -81,6 +81,18 @@ def test_the_collators_give_the_same_loss_on_the_same_batch(samples, tiny_model,
     assert fast.item() == pytest.approx(recipe.item(), abs=1e-6)
 
 
+def test_logits_only_for_supervised_tokens_give_the_same_loss_and_gradients(samples, tiny_model, tiny_processor):
+    model = lora_model(tiny_model)
+    batch = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)([sample for _, sample in samples])
+    answer_tokens = int((batch["labels"] != train.IGNORE_INDEX).sum())
+    assert batch["logits_to_keep"].sum() == len(batch["shift_labels"]) == answer_tokens
+    assert model(**batch).logits.shape[0] == answer_tokens  # not batch x sequence x vocabulary
+    full = {key: value for key, value in batch.items() if key not in ("logits_to_keep", "shift_labels")}
+    (loss_kept, grads_kept), (loss_full, grads_full) = loss_and_gradients(model, batch), loss_and_gradients(model, full)
+    assert loss_kept == pytest.approx(loss_full, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_kept, grads_full))
+
+
 def test_gradient_checkpointing_changes_neither_loss_nor_gradients(samples, tiny_model, tiny_processor):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2VLForConditionalGeneration

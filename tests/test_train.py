@@ -51,7 +51,7 @@ def test_only_the_caption_and_end_of_turn_are_supervised(tiny_processor):
 
 
 def per_sample_losses(model, batch):
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+    logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep", "shift_labels")}).logits[:, :-1]
     labels = batch["labels"][:, 1:]
     token_losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
     mask = labels != -100
