@@ -274,6 +274,7 @@ def memory_probe(model, dataset, collator, num_processes):
 
     def fits_here(size, checkpointing):
         set_gradient_checkpointing(model, checkpointing)
+        model.train()  # checkpointing acts only in training mode
         try:
             batch = send_to_device(collator([dataset[index] for index in longest[:size]]), device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -516,7 +517,10 @@ def main(argv=()):
     micro_batch, checkpointing = step_plan(cfg, fits)
     set_gradient_checkpointing(lora_model, checkpointing)
     args = dataclasses.replace(args, per_device_train_batch_size=micro_batch, activation_checkpointing=checkpointing,
-                               gradient_accumulation_steps=step_samples // micro_batch)
+                               gradient_accumulation_steps=step_samples // micro_batch,
+                               # pinning copies each mapping in a batch with update(), which the model's output class
+                               # that carries cached features refuses; their few MB a step need no pinning
+                               dataloader_pin_memory=not cached)
     if is_main_process:
         print(f"each step: {step_samples // micro_batch} micro-batch(es) of {micro_batch} samples, gradient "
               f"checkpointing {'on' if checkpointing else 'off'}, image features "

@@ -205,6 +205,7 @@ def test_the_memory_probe_tries_the_longest_samples_and_leaves_the_model_as_it_w
 
     def forward_on_a_small_gpu(**batch):  # as if the GPU held 3 samples' activations, or 10 with checkpointing
         tried.append(batch["input_ids"].shape)
+        assert model.training  # else gradient checkpointing would not act
         if batch["input_ids"].shape[0] > (10 if model.get_base_model().is_gradient_checkpointing else 3):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return forward(**batch)
