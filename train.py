@@ -108,9 +108,9 @@ def prompt_inputs(processor, image, prompt):
     return processor(text=[prompt_text], images=[image], return_tensors="pt")
 
 
-def encode_sample(processor, image, prompt, caption):
-    """Token ids, labels and image tensors for one sample: only the caption and END_OF_TURN are supervised."""
-    return with_answer(prompt_inputs(processor, image, prompt), answer_token_ids(processor, prompt, caption))
+def encode_sample(processor, image, prompt, answer_ids):
+    """Token ids, labels and image tensors for one sample: only the answer (caption and END_OF_TURN) is supervised."""
+    return with_answer(prompt_inputs(processor, image, prompt), answer_ids)
 
 
 def with_answer(inputs, answer_ids):
@@ -134,7 +134,7 @@ class CaptionDataset(Dataset):
         self.processor, self.image_size = processor, image_size
         blank = Image.new("RGB", (image_size, image_size))  # all images share this size, so a prompt's tokens
         self.prompt_tensors = {}  # ... depend only on its text
-        self.samples, self.lengths, self.skipped = [], [], []
+        self.samples, self.answers, self.lengths, self.skipped = [], [], [], []
         for sample in samples:
             if not os.path.isfile(sample["image_path"]):
                 self.skipped.append(f"image not found: {sample['image_path']}")
@@ -142,12 +142,13 @@ class CaptionDataset(Dataset):
             prompt = sample["prompt"]
             if prompt not in self.prompt_tensors:
                 self.prompt_tensors[prompt] = prompt_inputs(processor, blank, prompt)
-            length = self.prompt_tensors[prompt]["input_ids"].shape[1] + len(
-                answer_token_ids(processor, prompt, sample["caption"]))
+            answer = answer_token_ids(processor, prompt, sample["caption"])
+            length = self.prompt_tensors[prompt]["input_ids"].shape[1] + len(answer)
             if length > max_length:
                 self.skipped.append(f"{length} tokens > max_length={max_length}: {sample['image_path']}")
                 continue
             self.samples.append(sample)
+            self.answers.append(answer)
             self.lengths.append(length)
         self.image_features = None  # image path -> the vision tower's output, once cached
 
@@ -161,10 +162,10 @@ class CaptionDataset(Dataset):
         sample = self.samples[index]
         if self.image_features is None:
             image = load_image(sample["image_path"], self.image_size)
-            return encode_sample(self.processor, image, sample["prompt"], sample["caption"])
+            return encode_sample(self.processor, image, sample["prompt"], self.answers[index])
         inputs = {key: value for key, value in self.prompt_tensors[sample["prompt"]].items() if key != "pixel_values"}
         inputs["image_features"] = self.image_features[sample["image_path"]]
-        return with_answer(inputs, answer_token_ids(self.processor, sample["prompt"], sample["caption"]))
+        return with_answer(inputs, self.answers[index])
 
 
 class CaptionCollator:

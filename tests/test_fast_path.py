@@ -24,7 +24,8 @@ def samples(tmp_path_factory, tiny_processor):
         example = {"conversations": [{"from": "user", "value": f"COCO Yes: <|vision_start|>{path}<|vision_end|>"},
                                      {"from": "assistant", "value": caption}]}
         recipe = recipe_process_func(example, tiny_processor, image_size=56)
-        ours = train.encode_sample(tiny_processor, train.load_image(str(path), 56), "COCO Yes:", caption)
+        ours = train.encode_sample(tiny_processor, train.load_image(str(path), 56), "COCO Yes:",
+                                   train.answer_token_ids(tiny_processor, "COCO Yes:", caption))
         encoded.append((recipe, ours))
     return encoded
 

@@ -13,6 +13,10 @@ def sample(image_path, caption, prompt="COCO Yes:"):
     return {"image_path": image_path, "prompt": prompt, "caption": caption}
 
 
+def encode(processor, image, caption, prompt="COCO Yes:"):
+    return train.encode_sample(processor, image, prompt, train.answer_token_ids(processor, prompt, caption))
+
+
 def test_split_holds_out_the_last_distinct_images_with_all_their_captions():
     samples = [sample("a", "1"), sample("b", "2"), sample("a", "3"), sample("c", "4"), sample("d", "5"),
                sample("c", "6"), sample("b", "7")]
@@ -37,7 +41,7 @@ def test_reads_the_prompt_and_image_from_the_recipe_json(tmp_path):
 def test_only_the_caption_and_end_of_turn_are_supervised(tiny_processor):
     tokenizer = tiny_processor.tokenizer
     caption = "a red square on a table"
-    encoded = train.encode_sample(tiny_processor, Image.new("RGB", (56, 56), "red"), "COCO Yes:", caption)
+    encoded = encode(tiny_processor, Image.new("RGB", (56, 56), "red"), caption)
 
     expected = tokenizer(caption, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     labels, input_ids = encoded["labels"].tolist(), encoded["input_ids"].tolist()
@@ -63,9 +67,8 @@ def test_a_batch_of_two_image_sizes_gives_each_sample_its_own_loss(tiny_model, t
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model).eval()
     collate = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)
-    small = train.encode_sample(tiny_processor, Image.new("RGB", (56, 56), "red"), "COCO Yes:", "a red square")
-    large = train.encode_sample(tiny_processor, Image.new("RGB", (112, 84), "blue"), "COCO Yes:",
-                                "a blue boat on the water, far away")
+    small = encode(tiny_processor, Image.new("RGB", (56, 56), "red"), "a red square")
+    large = encode(tiny_processor, Image.new("RGB", (112, 84), "blue"), "a blue boat on the water, far away")
     batch = collate([small, large])
     assert batch["pixel_values"].shape[0] == small["pixel_values"].shape[0] + large["pixel_values"].shape[0]
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 6, 8]]  # (frames, rows, columns) of 14px patches
