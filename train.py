@@ -128,7 +128,7 @@ def with_answer(inputs, answer_ids):
 
 class CaptionDataset(Dataset):
     """Samples encoded on the fly, after dropping those whose image is missing or that are too long. Images are
-    preprocessed in every step that uses them, unless cache_image_features() has stored their vision features."""
+    preprocessed in every step that uses them, unless image_features holds their vision features (encode_images)."""
 
     def __init__(self, samples, processor, image_size, max_length):
         self.processor, self.image_size = processor, image_size
@@ -177,8 +177,6 @@ class CaptionCollator:
         self.pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
 
     def __call__(self, samples):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         batch = {}
         longest = max(len(sample["input_ids"]) for sample in samples)
         for key in samples[0]:
@@ -191,6 +189,8 @@ class CaptionCollator:
                     padded[row, : len(value)] = value
                 batch[key] = padded
         if "image_features" in batch:  # the model's own way to take precomputed vision features
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
             batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(batch.pop("image_features"),))}
         # logits only where the next token is supervised: elsewhere the vocabulary-wide projection is thrown away
         next_labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
