@@ -273,25 +273,30 @@ def measure_training(cfg, path_name):
     return result
 
 
-def only_words_the_tokenizer_can_write(model, tokenizer):
-    """Zero the output rows of the ids that decode to no text: the benchmark's tokenizer knows about 400 of the
-    model's 4,096 or 151,936 ids, and special tokens are dropped when decoding. A random model mostly picks such ids,
-    so most captions came out empty and the check that batched and single captions agree could not fail. A zero row
-    gives logit 0, which loses to the largest of the ~400 random logits left; the embeddings are tied, which changes
-    only the input vectors of the prompt's special tokens. Every caption is now max_new_tokens of text."""
+def captions_a_person_can_compare(model, tokenizer):
+    """Give the random model an output layer of its own that writes only printable text, so that the check that
+    batched and single captions agree can fail. With the embeddings tied, a random model repeats its input token,
+    the same one for every image; and most of its ids (past the benchmark's ~400-token tokenizer, special tokens,
+    lone bytes shown as U+FFFD) decode to nothing or to the same character. A fresh random layer (the same shape,
+    so the same cost) with those rows zeroed, logit 0 losing to the largest of the hundreds left, gives every image
+    its own caption of max_new_tokens tokens."""
     import torch
 
-    with torch.no_grad():
-        weight = model.get_output_embeddings().weight
-        weight[len(tokenizer):] = 0
-        weight[tokenizer.all_special_ids] = 0
+    head = model.get_output_embeddings()
+    weight = torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    weight[len(tokenizer):] = 0
+    for token_id in range(len(tokenizer)):
+        text = tokenizer.decode([token_id], skip_special_tokens=True)
+        if not text or not text.isprintable() or "\ufffd" in text:
+            weight[token_id] = 0
+    head.weight = torch.nn.Parameter(weight.to(head.weight), requires_grad=False)
 
 
 def measure_captioning(cfg, path_name):
     from captioning import generate_captions, load_image
 
     model, processor, device, _ = model_and_device(cfg)
-    only_words_the_tokenizer_can_write(model, processor.tokenizer)
+    captions_a_person_can_compare(model, processor.tokenizer)
     model.eval()
     paths = [os.path.join(cfg.work_dir, "images", f"{number}.jpg") for number in range(cfg.caption_images)]
     loaded = [load_image(path, cfg.image_size) for path in paths]
