@@ -296,6 +296,16 @@ def memory_probe(model, dataset, collator, num_processes):
     return fits
 
 
+def plan_steps(cfg, model, dataset, collator, num_processes):
+    """step_plan with the memory probe on a GPU, or the whole step in one micro-batch on a CPU, whose memory is the
+    machine's; the model is left with the planned gradient checkpointing."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    fits = memory_probe(model, dataset, collator, num_processes) if on_gpu else lambda size, checkpointing: True
+    micro_batch, checkpointing = step_plan(cfg, fits)
+    set_gradient_checkpointing(model, checkpointing)
+    return micro_batch, checkpointing
+
+
 def set_gradient_checkpointing(model, enabled):
     base_model = model.get_base_model()
     if enabled == base_model.is_gradient_checkpointing:
@@ -513,10 +523,7 @@ def main(argv=()):
         dataset.image_features = encode_images(lora_model, processor, dataset.image_paths(), cfg.image_size,
                                                step_samples, args.process_index, args.world_size)
     collator = CaptionCollator(processor.tokenizer.pad_token_id)
-    fits = memory_probe(lora_model, dataset, collator, args.world_size) if args.device.type == "cuda" else (
-        lambda size, checkpointing: True)  # a CPU's memory is the machine's: nothing to probe
-    micro_batch, checkpointing = step_plan(cfg, fits)
-    set_gradient_checkpointing(lora_model, checkpointing)
+    micro_batch, checkpointing = plan_steps(cfg, lora_model, dataset, collator, args.world_size)
     args = dataclasses.replace(args, per_device_train_batch_size=micro_batch, activation_checkpointing=checkpointing,
                                gradient_accumulation_steps=step_samples // micro_batch,
                                # pinning copies each mapping in a batch with update(), which the model's output class

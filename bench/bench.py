@@ -228,11 +228,9 @@ def measure_training(cfg, path_name):
                                                      BATCH * ACCUMULATION)
         encode_seconds = time.perf_counter() - start
         collator = train.CaptionCollator(processor.tokenizer.pad_token_id)
-        fits = train.memory_probe(model, dataset, collator, 1) if device == "cuda" else lambda *_: True
         plan = SimpleNamespace(per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
                                micro_batch_size="auto", gradient_checkpointing="auto")
-        micro_batch, checkpointing = train.step_plan(plan, fits)
-        train.set_gradient_checkpointing(model, checkpointing)
+        micro_batch, _ = train.plan_steps(plan, model, dataset, collator, 1)
         sampler = train.LengthGroupedSampler(dataset.lengths, BATCH * ACCUMULATION, seed=0)
         loader = project_loader(dataset, collator, micro_batch, sampler)
     model.train()
