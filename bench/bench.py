@@ -398,8 +398,8 @@ def main(argv=()):
             print(f"measuring {name} ...", flush=True)
             group, path_name = name.split("/")
             results.setdefault(group, {})[path_name] = run_part(name, cfg)
+            write_json(cfg.output, results)  # after each part, so that an interrupted run keeps what it measured
     print(table(results))
-    write_json(cfg.output, results)
     print(f"wrote {cfg.output}")
 
 
