@@ -293,7 +293,7 @@ def captions_a_person_can_compare(model, tokenizer):
 def measure_captioning(cfg, path_name):
     from captioning import generate_captions, load_image
 
-    model, processor, device, _ = model_and_device(cfg)
+    model, processor, *_ = model_and_device(cfg)  # the model is already on its device
     captions_a_person_can_compare(model, processor.tokenizer)
     model.eval()
     paths = [os.path.join(cfg.work_dir, "images", f"{number}.jpg") for number in range(cfg.caption_images)]
