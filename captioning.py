@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 from contextlib import contextmanager
@@ -107,6 +108,56 @@ def atomic_write(path, mode="w", **open_kwargs):
 def write_json(path, data):
     with atomic_write(path, encoding="utf-8") as file:
         json.dump(data, file, ensure_ascii=False, indent=2)
+
+
+def readable_by_all(folder):
+    """Files 0644 (safetensors writes its weights 0600): a server running as another user can read them."""
+    for name in os.listdir(folder):
+        if os.path.isfile(os.path.join(folder, name)):
+            os.chmod(os.path.join(folder, name), 0o644)
+
+
+# ----------------------------------------------------------------------------- files other tools read
+
+def pin_image_size(processor, image_size):
+    """Make the processor resize every image to image_size x image_size pixels in area (aspect kept), as training
+    did, so a client that never heard of image_size (pipeline, vLLM, llama.cpp) does not feed full-size images."""
+    pixels = image_size * image_size
+    processor.image_processor.size = {"shortest_edge": pixels, "longest_edge": pixels}
+
+
+def save_processor(processor, folder, image_size, base_model):
+    """The processor, tokenizer and chat template in the files that this and older readers look for, with the
+    training image size pinned. base_model: the folder of the model trained on, which holds the slow tokenizer's
+    files that transformers 5 no longer writes."""
+    pin_image_size(processor, image_size)
+    processor.save_pretrained(folder)
+    # transformers 5 keeps the image processor inside processor_config.json; transformers 4 reads only this file
+    pixels = image_size * image_size
+    write_json(os.path.join(folder, "preprocessor_config.json"),
+               {**processor.image_processor.to_dict(), "min_pixels": pixels, "max_pixels": pixels,
+                "processor_class": type(processor).__name__})
+    for name in ("vocab.json", "merges.txt"):
+        if os.path.isfile(os.path.join(base_model, name)):
+            shutil.copyfile(os.path.join(base_model, name), os.path.join(folder, name))
+
+
+def add_config_fields_for_transformers_4(folder):
+    """Write what transformers 4 (and the tools built on it) read from config.json and transformers 5 moved: the
+    multimodal rope as rope_scaling beside rope_parameters (without it generation fails), and the tied word
+    embeddings in text_config (without it the output layer is left random)."""
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as file:
+        config = json.load(file)
+    text_config = config.get("text_config", config)
+    rope = text_config.get("rope_parameters", {})
+    if "mrope_section" in rope:
+        for section in (config, text_config):
+            section["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+            section["rope_theta"] = rope["rope_theta"]
+    if "tie_word_embeddings" in config:
+        text_config.setdefault("tie_word_embeddings", config["tie_word_embeddings"])
+    write_json(path, config)
 
 
 # ----------------------------------------------------------------------------- data
@@ -322,7 +373,7 @@ def load_model_and_processor(model, on_device=False, dtype=None):
     return base_model.to(device) if on_device else base_model, processor
 
 
-def generate_captions(model, processor, images, prompt, max_new_tokens, batch_size):
+def generate_captions(model, processor, images, prompt, max_new_tokens, batch_size, show_progress=True):
     """Greedy captions for a list of PIL images, generated batch_size at a time with left padding."""
     import torch
     from tqdm import tqdm
@@ -337,7 +388,7 @@ def generate_captions(model, processor, images, prompt, max_new_tokens, batch_si
         pad_token_id=tokenizer.pad_token_id,
     )
     captions = []
-    with tqdm(total=len(images), desc="captioning", unit="image") as progress:
+    with tqdm(total=len(images), desc="captioning", unit="image", disable=not show_progress) as progress:
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
             texts = [

@@ -5,7 +5,9 @@
 
 The folder holds the merged weights (safetensors), the processor, tokenizer, chat template and generation config,
 so `Qwen2VLForConditionalGeneration.from_pretrained` and inference engines such as vLLM load it without peft, plus
-training's run_config.json, so `infer.py --model=<folder>` captions with the same prompt and image size.
+training's run_config.json, so `infer.py --model=<folder>` captions with the same prompt and image size. Its
+processor is pinned to training's image size, so other readers do not feed full-size images, and it carries the
+files and config fields that transformers 4 reads; every file is readable by all users (0644).
 """
 import os
 import shutil
@@ -13,9 +15,13 @@ import shutil
 from captioning import (
     RUN_CONFIG,
     PipelineError,
+    add_config_fields_for_transformers_4,
     load_model_and_processor,
     parse_settings,
+    readable_by_all,
+    resolve_model,
     run_script,
+    save_processor,
     trained_adapter,
     write_json,
 )
@@ -41,7 +47,7 @@ def main(argv=()):
 
     from peft import PeftModel
 
-    base = cfg.model or run_config["model"]
+    base = resolve_model(cfg.model or run_config["model"])
     print(f"merging {checkpoint_dir} into {base}")
     base_model, processor = load_model_and_processor(base, dtype=cfg.dtype)
     merged = PeftModel.from_pretrained(base_model, checkpoint_dir).merge_and_unload()
@@ -49,8 +55,10 @@ def main(argv=()):
     staging = merged_dir.rstrip("/") + ".part"  # written whole, then renamed into place
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging)  # weights as safetensors, config and generation config
-    processor.save_pretrained(staging)  # processor, tokenizer, chat template
+    add_config_fields_for_transformers_4(staging)
+    save_processor(processor, staging, run_config["image_size"], base)
     write_json(os.path.join(staging, RUN_CONFIG), {**run_config, "merged_from": os.path.abspath(checkpoint_dir)})
+    readable_by_all(staging)
     shutil.rmtree(merged_dir, ignore_errors=True)
     os.replace(staging, merged_dir)
     print(f"wrote the merged model to {merged_dir}: load it with Qwen2VLForConditionalGeneration.from_pretrained, "

@@ -31,8 +31,12 @@ from captioning import (
     load_images,
     load_model_and_processor,
     parse_settings,
+    pin_image_size,
     read_conversations,
+    readable_by_all,
+    resolve_model,
     run_script,
+    save_processor,
     swanlab_run_mode,
     write_json,
 )
@@ -430,7 +434,7 @@ def resume_point(cfg, is_main_process):
     return checkpoint
 
 
-def save_final_adapter(trainer, processor, output_dir):
+def save_final_adapter(trainer, processor, output_dir, image_size, base_model):
     """Save the adapter and processor files so that an interruption never leaves a half-written adapter behind:
     everything is written to a staging folder, then moved in with adapter_config.json last."""
     staging = os.path.join(output_dir, "final-adapter.part")
@@ -438,7 +442,8 @@ def save_final_adapter(trainer, processor, output_dir):
         shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(staging)  # on every process: DeepSpeed ZeRO-3 gathers the weights from all of them
     if trainer.is_world_process_zero():
-        processor.save_pretrained(staging)
+        save_processor(processor, staging, image_size, base_model)
+        readable_by_all(staging)
         for name in sorted(os.listdir(staging), key=lambda name: name == ADAPTER_CONFIG):
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         os.rmdir(staging)
@@ -471,6 +476,7 @@ def main(argv=()):
     from peft import LoraConfig, TaskType, get_peft_model
     from swanlab.integration.transformers import SwanLabCallback
     from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     if torch.cuda.device_count() > 1 and not distributed:
         raise PipelineError(
@@ -478,7 +484,9 @@ def main(argv=()):
             "set it to one GPU, e.g. CUDA_VISIBLE_DEVICES=0, or launch one process per GPU with torchrun"
         )
     set_seed(cfg.seed)
-    base_model, processor = load_model_and_processor(cfg.model)
+    model_folder = resolve_model(cfg.model)
+    base_model, processor = load_model_and_processor(model_folder)
+    pin_image_size(processor, cfg.image_size)  # so each checkpoint's processor files carry training's image size
     dataset = CaptionDataset(train_samples, processor, cfg.image_size, cfg.max_length)
     if is_main_process:
         report_skipped(dataset.skipped, "training samples")
@@ -567,15 +575,22 @@ def main(argv=()):
             f"{'on' if checkpointing else 'off'}). Run again to continue from the last checkpoint with a smaller "
             "--micro_batch_size, --gradient_checkpointing=true or a smaller --image_size"
         ) from None
-    save_final_adapter(trainer, processor, cfg.output_dir)
-    if not is_main_process:
+    save_final_adapter(trainer, processor, cfg.output_dir, cfg.image_size, model_folder)
+    # under ZeRO-3 each process holds a slice of every weight: all of them generate together (transformers then
+    # passes synced_gpus=True), else the others would leave rank 0 waiting for slices that never come
+    partitioned = is_deepspeed_zero3_enabled()
+    if not (is_main_process or partitioned):
         return
-    print(f"saved the adapter, processor and {RUN_CONFIG} to {cfg.output_dir}")
+    if is_main_process:
+        print(f"saved the adapter, processor and {RUN_CONFIG} to {cfg.output_dir}")
 
     test_images = load_images(dict.fromkeys(sample["image_path"] for sample in test_samples), cfg.image_size)
     lora_model.eval()
     captions = generate_captions(lora_model, processor, [image for _, image in test_images], prompt,
-                                 cfg.max_new_tokens, batch_size=cfg.per_device_train_batch_size)
+                                 cfg.max_new_tokens, batch_size=cfg.per_device_train_batch_size,
+                                 show_progress=is_main_process)
+    if not is_main_process:
+        return
     for (path, _), caption in zip(test_images, captions):
         print(f"{path}: {caption}")
     swanlab.log({"Prediction": [swanlab.Image(path, caption=caption) for (path, _), caption in zip(test_images, captions)]})

@@ -4,6 +4,7 @@ import http.server
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -28,6 +29,15 @@ COLOR_CAPTIONS = {
 }
 
 
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("SLOW_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow set-up (minutes): run with SLOW_TESTS=1 make test, as .ci/run does")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     return build_tiny_qwen2vl(str(tmp_path_factory.mktemp("tiny_qwen2vl")))
@@ -47,6 +57,16 @@ def run(script, *args, cwd, timeout=600):
         [sys.executable, os.path.join(REPO, script), *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def transformers_release(spec):
+    """A folder holding another transformers release (spec: a pip requirement) and its dependencies, installed once
+    from PyPI; put it first on PYTHONPATH to run a client with it beside this environment's torch."""
+    folder = os.path.join(sys.prefix, "other-transformers", re.sub(r"[^\w.]+", "_", spec))
+    if not os.path.isfile(os.path.join(folder, ".installed")):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", folder, spec], check=True)
+        open(os.path.join(folder, ".installed"), "w").close()
+    return folder
 
 
 def make_imagefolder(folder, captions=COLOR_CAPTIONS, size=(64, 48)):

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from PIL import Image
 
 from conftest import COLOR_CAPTIONS, make_imagefolder, run
 
@@ -96,10 +97,15 @@ def test_infer_defaults_to_the_held_out_images_and_survives_bad_ones(trained_run
     assert records == [{"image_path": "coco_2014_caption/red.jpg", "caption": COLOR_CAPTIONS["red"]}]
 
 
-def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(trained_run, tiny_model):
+@pytest.fixture(scope="module")
+def merged_dir(trained_run):
     work, _ = trained_run
     check(run("merge.py", "--dtype=float32", cwd=work))
-    merged_dir = work / "output" / "Qwen2-VL-2B-merged"
+    return work / "output" / "Qwen2-VL-2B-merged"
+
+
+def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(trained_run, tiny_model, merged_dir):
+    work, _ = trained_run
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
                  "processor_config.json", "run_config.json"):
         assert (merged_dir / name).is_file(), name
@@ -136,6 +142,71 @@ def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(trained_run, ti
     merged_captions = (work / "merged.jsonl").read_text()
     assert merged_captions == (work / "adapter.jsonl").read_text()
     assert COLOR_CAPTIONS["red"] in merged_captions
+
+
+def test_merged_and_adapter_folders_carry_the_training_image_size_and_the_files_older_readers_need(
+        trained_run, merged_dir, tiny_model):
+    work, _ = trained_run
+    for folder in (merged_dir, work / "output" / "Qwen2-VL-2B"):
+        preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+        assert preprocessor["min_pixels"] == preprocessor["max_pixels"] == 56 * 56
+        assert preprocessor["size"] == {"shortest_edge": 56 * 56, "longest_edge": 56 * 56}
+        processor = json.loads((folder / "processor_config.json").read_text())["image_processor"]
+        assert processor["size"] == {"shortest_edge": 56 * 56, "longest_edge": 56 * 56}
+        for name in ("vocab.json", "merges.txt"):  # kept from the base model, as on the hub
+            assert (folder / name).read_bytes() == open(os.path.join(tiny_model, name), "rb").read(), name
+        modes = {path.name: oct(path.stat().st_mode & 0o777) for path in folder.iterdir() if path.is_file()}
+        assert set(modes.values()) == {"0o644"}, modes
+    config = json.loads((merged_dir / "config.json").read_text())
+    assert config["text_config"]["rope_scaling"] == config["rope_scaling"] == {"type": "mrope",
+                                                                               "mrope_section": [2, 3, 3]}
+    assert config["text_config"]["tie_word_embeddings"] is True
+    checkpoint = json.loads((work / "output" / "Qwen2-VL-2B" / "checkpoint-150" / "processor_config.json").read_text())
+    assert checkpoint["image_processor"]["size"]["longest_edge"] == 56 * 56
+
+
+def full_size_images(work):
+    """Photos as users give them to a served model: far larger than the 56x56 training size."""
+    paths = {}
+    for color, size in (("red", (640, 640)), ("blue", (640, 480))):
+        paths[color] = str(work / f"full_size_{color}.jpg")
+        Image.new("RGB", size, color).save(paths[color])
+    return paths
+
+
+def caption_as_a_client(merged_dir, image, pythonpath=None):
+    env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+    result = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "caption_as_a_client.py"),
+                             str(merged_dir), image, "COCO Yes:"], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_merged_model_captions_full_size_images_in_transformers_as_infer_does(trained_run, merged_dir):
+    work, _ = trained_run
+    images = full_size_images(work)
+    check(run("infer.py", f"--model={merged_dir}", f"--images={images['red']}", "--output_path=full.jsonl", cwd=work))
+    [record] = [json.loads(line) for line in (work / "full.jsonl").read_text().splitlines()]
+    assert record["caption"] == COLOR_CAPTIONS["red"]
+    client = caption_as_a_client(merged_dir, images["red"])
+    assert client["image_grid_thw"] == [[1, 4, 4]]  # 56x56, as in training
+    assert client["model"] == client["pipeline"] == record["caption"]
+    # an image of another shape keeps its aspect ratio, within training's number of pixels
+    [[_, rows, columns]] = caption_as_a_client(merged_dir, images["blue"])["image_grid_thw"]
+    assert rows * columns * 14 * 14 <= 56 * 56
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["transformers==4.57.*", "transformers>=5.16.1,<5.21"], ids=["4.57", "vLLM's pin"])
+def test_merged_model_captions_full_size_images_in_older_transformers(trained_run, merged_dir, spec):
+    from conftest import transformers_release
+
+    work, _ = trained_run
+    client = caption_as_a_client(merged_dir, full_size_images(work)["red"], pythonpath=transformers_release(spec))
+    assert client["transformers"] != "5.24.0"
+    assert client["image_grid_thw"] == [[1, 4, 4]]
+    assert client["model"] == client["pipeline"] == COLOR_CAPTIONS["red"]
 
 
 def chromium():

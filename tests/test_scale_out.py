@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import csv2json
 import data2csv
@@ -40,26 +41,68 @@ def max_step(output_dir):
     return max(int(name.split("-")[1]) for name in os.listdir(output_dir) if name.startswith("checkpoint-"))
 
 
-def test_two_processes_with_torchrun_match_one_process_with_the_same_global_batch(tmp_path, tiny_model, data_json):
+def global_batch_args(tiny_model, data_json):
     # 2 training images (4 held out): every step's global batch holds both, in one process or split over two
-    args = [f"--model={tiny_model}", f"--json_path={data_json}", "--test_size=4", "--max_steps=8", "--save_steps=8",
+    return [f"--model={tiny_model}", f"--json_path={data_json}", "--test_size=4", "--max_steps=8", "--save_steps=8",
             *COMMON]
-    torchrun = subprocess.run(
+
+
+def torchrun(*args, cwd):
+    """train.py in two processes on the CPU, as `torchrun --nproc_per_node=2 train.py ...` runs it."""
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(REPO, "train.py"), *args, f"--output_dir={tmp_path}/ddp", "--per_device_train_batch_size=1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+         os.path.join(REPO, "train.py"), *args, "--per_device_train_batch_size=1"],
+        cwd=cwd, capture_output=True, text=True, timeout=1200,
     )
-    assert torchrun.returncode == 0, torchrun.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_model, data_json):
+    work = tmp_path_factory.mktemp("ddp")
+    result = torchrun(*global_batch_args(tiny_model, data_json), f"--output_dir={work}/ddp", cwd=work)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return work / "ddp", result
+
+
+def test_two_processes_with_torchrun_match_one_process_with_the_same_global_batch(
+        tmp_path, tiny_model, data_json, ddp_run):
+    ddp_dir, torchrun_result = ddp_run
+    args = global_batch_args(tiny_model, data_json)
     single = run("train.py", *args, f"--output_dir={tmp_path}/single", "--per_device_train_batch_size=2", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-5000:]
 
-    ddp_step, ddp_losses = logged_losses(tmp_path / "ddp")
+    ddp_step, ddp_losses = logged_losses(ddp_dir)
     single_step, single_losses = logged_losses(tmp_path / "single")
     assert ddp_step == single_step == 8 and len(ddp_losses) == 8
     assert ddp_losses == pytest.approx(single_losses, abs=1e-4)
-    assert sorted(os.listdir(tmp_path / "ddp")) == sorted(os.listdir(tmp_path / "single"))  # one adapter, one set
-    assert torchrun.stdout.count("saved the adapter") == 1  # only rank 0 reports, logs and captions
-    assert json.loads((tmp_path / "ddp" / "run_config.json").read_text())["world_size"] == 2
+    assert sorted(os.listdir(ddp_dir)) == sorted(os.listdir(tmp_path / "single"))  # one adapter, one set
+    assert torchrun_result.stdout.count("saved the adapter") == 1  # only rank 0 reports, logs and captions
+    assert json.loads((ddp_dir / "run_config.json").read_text())["world_size"] == 2
+
+
+def adapter_weights(output_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(output_dir, "adapter_model.safetensors"))
+
+
+@pytest.mark.slow  # DeepSpeed compiles its CPU op with g++ on first use (minutes), then caches it
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_trains_saves_and_captions_like_plain_data_parallel(tmp_path, tiny_model, data_json, ddp_run, stage):
+    ddp_dir, _ = ddp_run
+    result = torchrun(*global_batch_args(tiny_model, data_json), f"--output_dir={tmp_path}/{stage}",
+                      f"--deepspeed={stage}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    (step, losses), (ddp_step, ddp_losses) = logged_losses(tmp_path / stage), logged_losses(ddp_dir)
+    assert step == ddp_step == 8 and losses == pytest.approx(ddp_losses, abs=1e-4)
+    deepspeed_adapter, ddp_adapter = adapter_weights(tmp_path / stage), adapter_weights(ddp_dir)
+    assert deepspeed_adapter.keys() == ddp_adapter.keys()
+    for name, weight in ddp_adapter.items():
+        assert torch.allclose(deepspeed_adapter[name], weight, atol=1e-5), name
+    # the held-out images are captioned after training, once, also when ZeRO-3 splits the weights over processes
+    assert result.stdout.count("saved the adapter") == 1
+    for color in ("blue", "yellow", "white", "black"):
+        assert result.stdout.count(f"images/{color}.jpg: ") == 1, result.stdout[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,12 @@
 """Build a tiny random-weight Qwen2-VL with the real transformers classes, for offline tests.
 
-The folder it writes loads with the same `from_pretrained` calls as Qwen/Qwen2-VL-2B-Instruct.
+The folder it writes is laid out as Qwen/Qwen2-VL-2B-Instruct is on the hub (a flat config with rope_scaling,
+preprocessor_config.json, Qwen2Tokenizer files), so it loads with the same calls in any transformers version.
 """
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+import json
+import os
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2VLConfig,
@@ -11,6 +15,7 @@ from transformers import (
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
 )
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
@@ -43,7 +48,7 @@ CORPUS = [
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048,
                  rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-TINY_VISION = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2)
+TINY_VISION = dict(depth=3, embed_dim=32, hidden_size=64, num_heads=2)  # llama.cpp converts depths above 2
 
 
 def build_tiny_qwen2vl(folder, seed=0, text=TINY_TEXT, vision=TINY_VISION, vocab_size=None, dtype=None):
@@ -52,7 +57,11 @@ def build_tiny_qwen2vl(folder, seed=0, text=TINY_TEXT, vision=TINY_VISION, vocab
     import torch
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.normalizer = normalizers.NFC()  # Qwen2Tokenizer's normalizer and pre-tokenizer, so that its slow files
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([  # ... and tokenizer.json split text alike
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
@@ -93,4 +102,49 @@ def build_tiny_qwen2vl(folder, seed=0, text=TINY_TEXT, vision=TINY_VISION, vocab
     model.generation_config.pad_token_id = token_id("<|endoftext|>")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    lay_out_as_on_the_hub(folder, bpe)
     return folder
+
+
+def lay_out_as_on_the_hub(folder, bpe):
+    """Rewrite what transformers 5 saved into the hub's layout (written by transformers 4): what users download."""
+    def rewrite(name, change):
+        with open(os.path.join(folder, name)) as file:
+            content = json.load(file)
+        with open(os.path.join(folder, name), "w") as file:
+            json.dump(change(content), file, indent=2)
+
+    def flat_config(config):
+        text = config.pop("text_config")
+        rope = text.pop("rope_parameters")
+        for name in ("model_type", "layer_types", "dtype"):
+            text.pop(name, None)
+        for name in ("model_type", "rope_parameters"):
+            config["vision_config"].pop(name)
+        dtype = config.pop("dtype")
+        return {**config, **text, "torch_dtype": dtype, "rope_theta": rope["rope_theta"],
+                "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
+
+    def qwen2_tokenizer_config(config):
+        added = {str(bpe.token_to_id(token)): {"content": token, "lstrip": False, "normalized": False,
+                                               "rstrip": False, "single_word": False, "special": True}
+                 for token in SPECIAL_TOKENS}
+        return {**config, "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added, "errors": "replace",
+                "bos_token": None, "clean_up_tokenization_spaces": False, "split_special_tokens": False,
+                "model_max_length": 32768}
+
+    rewrite("config.json", flat_config)
+    rewrite("tokenizer_config.json", qwen2_tokenizer_config)
+    bpe.model.save(folder)  # vocab.json and merges.txt, which Qwen2Tokenizer's slow form reads
+    with open(os.path.join(folder, "processor_config.json")) as file:
+        image_processor = json.load(file)["image_processor"]
+    size = image_processor.pop("size")
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as file:
+        json.dump({**image_processor, "min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"],
+                   "processor_class": "Qwen2VLProcessor"}, file, indent=2)
+    with open(os.path.join(folder, "chat_template.jinja")) as file:
+        chat_template = file.read()
+    with open(os.path.join(folder, "chat_template.json"), "w") as file:
+        json.dump({"chat_template": chat_template}, file)
+    for name in ("processor_config.json", "chat_template.jinja"):
+        os.remove(os.path.join(folder, name))
