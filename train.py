@@ -449,8 +449,18 @@ def save_final_adapter(trainer, processor, output_dir, image_size, base_model):
         os.rmdir(staging)
 
 
+def warn_if_launched_alone(distributed):
+    """`accelerate launch --cpu --num_processes=N` without an MPI hostfile starts one process and says nothing."""
+    if "MASTER_ADDR" in os.environ and not distributed and "OMPI_COMM_WORLD_SIZE" not in os.environ \
+            and "PMI_SIZE" not in os.environ:
+        print("warning: the launcher set MASTER_ADDR for several processes, but this process runs alone (no "
+              "WORLD_SIZE). `accelerate launch --cpu` starts one process unless given an MPI hostfile: use "
+              "`torchrun --nproc_per_node=N train.py`, or `accelerate launch --multi_gpu --num_processes=N train.py`")
+
+
 def main(argv=()):
     distributed = "WORLD_SIZE" in os.environ  # launched by torchrun or accelerate: one process per GPU
+    warn_if_launched_alone(distributed)
     if not distributed:
         # One process trains on one GPU: with several visible, Trainer would wrap the model in DataParallel,
         # which splits the concatenated pixel_values of a batch across GPUs out of step with their images.

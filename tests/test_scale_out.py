@@ -97,8 +97,8 @@ def test_deepspeed_trains_saves_and_captions_like_plain_data_parallel(tmp_path, 
     assert step == ddp_step == 8 and losses == pytest.approx(ddp_losses, abs=1e-4)
     deepspeed_adapter, ddp_adapter = adapter_weights(tmp_path / stage), adapter_weights(ddp_dir)
     assert deepspeed_adapter.keys() == ddp_adapter.keys()
-    for name, weight in ddp_adapter.items():
-        assert torch.allclose(deepspeed_adapter[name], weight, atol=1e-5), name
+    for name, weight in ddp_adapter.items():  # ZeRO-3 sums partitioned gradients in another order: 1.3e-5 seen
+        assert torch.allclose(deepspeed_adapter[name], weight, atol=1e-4), name
     # the held-out images are captioned after training, once, also when ZeRO-3 splits the weights over processes
     assert result.stdout.count("saved the adapter") == 1
     for color in ("blue", "yellow", "white", "black"):
@@ -176,3 +176,17 @@ def test_deepspeed_configs_ship_and_are_selected_by_one_setting():
             train.resolve_deepspeed("zero2")
     else:
         assert train.resolve_deepspeed("zero3") == os.path.join(REPO, "deepspeed", "zero3.json")
+
+
+def test_a_launcher_that_asked_for_two_cpu_processes_but_started_one_is_reported(tmp_path):
+    # accelerate's multi-CPU mode needs an MPI hostfile; without one it runs the script once
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--cpu", "--num_processes=2",
+         "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", os.path.join(REPO, "train.py"),
+         "--json_path=missing.json", "--swanlab_mode=disabled"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert "missing.json not found" in result.stderr  # it stopped at the first check, as one process
+    assert result.stdout.count("this process runs alone (no WORLD_SIZE)") == 1, result.stdout + result.stderr
+    alone = run("train.py", "--json_path=missing.json", "--swanlab_mode=disabled", cwd=tmp_path)
+    assert "runs alone" not in alone.stdout
