@@ -485,7 +485,7 @@ def main(argv=()):
     import swanlab
     from peft import LoraConfig, TaskType, get_peft_model
     from swanlab.integration.transformers import SwanLabCallback
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     if torch.cuda.device_count() > 1 and not distributed:
@@ -569,13 +569,23 @@ def main(argv=()):
                 return super()._get_train_sampler(train_dataset)
             return LengthGroupedSampler(dataset.lengths, step_samples * args.world_size, cfg.seed)
 
+    class SamplerEpoch(TrainerCallback):
+        """Gives the sampler each epoch's number itself: accelerate does not pass it on when several processes resume
+        in the middle of an epoch, and the sampler then repeated epoch 0's order there."""
+
+        def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            sampler = train_dataloader.batch_sampler  # wrapped in accelerate's shards, then torch's batches
+            while not hasattr(sampler, "set_epoch"):
+                sampler = getattr(sampler, "batch_sampler", None) or sampler.sampler
+            sampler.set_epoch(int(state.epoch))  # a resumed run's state.epoch is fractional, like 1.5
+
     trainer = CaptionTrainer(
         model=lora_model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
         processing_class=processor,  # so every checkpoint folder also holds the processor files
-        callbacks=[SwanLabCallback()],
+        callbacks=[SwanLabCallback(), SamplerEpoch()],
     )
     try:
         trainer.train(resume_from_checkpoint=resume_from)

@@ -2,18 +2,20 @@
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
 import csv2json
 import data2csv
 import train
-from captioning import PipelineError
+from captioning import PipelineError, checkpoint_folders
 from conftest import REPO, make_imagefolder, run
 
 COMMON = ["--image_size=56", "--learning_rate=5e-3", "--gradient_accumulation_steps=1", "--swanlab_mode=disabled",
@@ -190,3 +192,45 @@ def test_a_launcher_that_asked_for_two_cpu_processes_but_started_one_is_reported
     assert result.stdout.count("this process runs alone (no WORLD_SIZE)") == 1, result.stdout + result.stderr
     alone = run("train.py", "--json_path=missing.json", "--swanlab_mode=disabled", cwd=tmp_path)
     assert "runs alone" not in alone.stdout
+
+
+def two_process_resume_args(tiny_model, data_json, output_dir):
+    # 4 training images over 2 processes, one each: 2 steps an epoch, so checkpoint-3 falls in the middle of epoch 1,
+    # whose second step pairs other images than epoch 0's (a resume that reused epoch 0's order went unnoticed in
+    # epoch 2, whose second step pairs the same two images as epoch 0's, only swapped between the processes)
+    return [f"--model={tiny_model}", f"--json_path={data_json}", f"--output_dir={output_dir}", "--test_size=2",
+            "--num_train_epochs=12", "--save_steps=3", *COMMON]
+
+
+@pytest.mark.parametrize("order", ["--group_by_length=true", "--group_by_length=false"])
+def test_two_processes_killed_mid_epoch_resume_to_the_losses_of_an_uninterrupted_run(
+        tmp_path, tiny_model, data_json, order):
+    uninterrupted = torchrun(*two_process_resume_args(tiny_model, data_json, tmp_path / "uninterrupted"), order,
+                             cwd=tmp_path)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-5000:]
+
+    output_dir = tmp_path / "out"
+    args = [*two_process_resume_args(tiny_model, data_json, output_dir), order]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(REPO, "train.py"), *args, "--per_device_train_batch_size=1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = output_dir / "checkpoint-3" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not first_checkpoint.exists() and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    for process in [*psutil.Process(launcher.pid).children(recursive=True), launcher]:  # each in its own session
+        process.kill()
+    launcher.wait(timeout=60)
+    assert not (output_dir / "adapter_config.json").exists()
+    for step, folder in checkpoint_folders(output_dir).items():  # one more saved in the instant before the kill
+        if step > 3:  # ... would resume at an epoch's start: keep the kill in the middle of epoch 1
+            shutil.rmtree(folder)
+
+    resumed = torchrun(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert f"resuming the interrupted run from {output_dir}/checkpoint-3" in resumed.stdout
+    step, losses = logged_losses(output_dir)
+    expected_step, expected_losses = logged_losses(tmp_path / "uninterrupted")
+    assert step == expected_step == 24
+    assert losses == pytest.approx(expected_losses, abs=1e-5)  # step for step: same data order, optimizer and schedule
