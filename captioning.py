@@ -170,10 +170,10 @@ def read_conversations(path):
     try:
         with open(path, encoding="utf-8") as file:
             entries = json.load(file)
-    except FileNotFoundError:
-        raise PipelineError(f"{path} not found: run csv2json.py first or set --json_path") from None
+    except FileNotFoundError as error:
+        raise PipelineError(f"{path} not found: run csv2json.py first or set --json_path") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PipelineError(f"{path} is not valid JSON: {error}; rebuild it with csv2json.py") from None
+        raise PipelineError(f"{path} is not valid JSON: {error}; rebuild it with csv2json.py") from error
     if not isinstance(entries, list):
         raise PipelineError(f"{path} holds a {type(entries).__name__}, not the recipe's list of conversations")
     return [conversation_sample(path, number, entry) for number, entry in enumerate(entries)]
@@ -300,10 +300,10 @@ def load_image(path, image_size):
     try:
         with Image.open(path) as image:
             image = to_rgb(image)
-    except FileNotFoundError:
-        raise PipelineError(f"image not found: {path}") from None
+    except FileNotFoundError as error:
+        raise PipelineError(f"image not found: {path}") from error
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise PipelineError(f"cannot read image {path}: {error}") from None
+        raise PipelineError(f"cannot read image {path}: {error}") from error
     return image.resize((image_size, image_size), Image.BICUBIC)
 
 
@@ -350,7 +350,7 @@ def resolve_model(model):
             f"downloading the model {model!r} from ModelScope failed ({type(error).__name__}: {error}). "
             "Download it another way (e.g. `huggingface-cli download Qwen/Qwen2-VL-2B-Instruct --local-dir "
             "Qwen2-VL-2B-Instruct`) and pass the folder as --model=Qwen2-VL-2B-Instruct"
-        ) from None
+        ) from error
 
 
 def attention_implementation(device):

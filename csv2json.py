@@ -26,8 +26,8 @@ def read_rows(path):
     try:
         with open(path, "rb") as file:
             raw = file.read()
-    except FileNotFoundError:
-        raise PipelineError(f"CSV not found: {path}; run data2csv.py first or set --csv_path") from None
+    except FileNotFoundError as error:
+        raise PipelineError(f"CSV not found: {path}; run data2csv.py first or set --csv_path") from error
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -35,7 +35,7 @@ def read_rows(path):
         raise PipelineError(
             f"{path}, line {line}, is not UTF-8 text (byte {raw[error.start]:#04x}): save the CSV as UTF-8 "
             "(in Excel: \"CSV UTF-8\"; in LibreOffice: character set Unicode (UTF-8))"
-        ) from None
+        ) from error
     if not text.strip():
         raise PipelineError(f"{path} is empty: it needs a header with image_path and caption, and one row per caption")
     reader = csv.DictReader(io.StringIO(text, newline=""))

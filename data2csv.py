@@ -77,7 +77,7 @@ def modelscope_rows(cfg):
             f"loading {cfg.modelscope_dataset} (subset {cfg.modelscope_subset}, split {cfg.split}) from ModelScope "
             f"failed: {type(error).__name__}: {error}. If your network is fine, this is the known upstream breakage "
             f"of this dataset (modelscope issues 1252 and 1769); {SOURCE_HELP}"
-        ) from None
+        ) from error
 
 
 def coco_rows(cfg):
@@ -106,12 +106,12 @@ def read_coco_annotations(cfg):
                 return json.loads(archive.read(member))
         with open(location, encoding="utf-8") as file:
             return json.load(file)
-    except FileNotFoundError:
-        raise PipelineError(f"COCO annotation file not found: {location}; set --coco_annotations") from None
-    except KeyError:
-        raise PipelineError(f"{location} has no {member}; use split train or val") from None
+    except FileNotFoundError as error:
+        raise PipelineError(f"COCO annotation file not found: {location}; set --coco_annotations") from error
+    except KeyError as error:
+        raise PipelineError(f"{location} has no {member}; use split train or val") from error
     except (zipfile.BadZipFile, json.JSONDecodeError) as error:
-        raise PipelineError(f"cannot read COCO annotations {location}: {error}; delete it and run again") from None
+        raise PipelineError(f"cannot read COCO annotations {location}: {error}; delete it and run again") from error
 
 
 def hub_rows(cfg, dataset_id):
@@ -136,7 +136,7 @@ def hub_rows(cfg, dataset_id):
         raise PipelineError(
             f"loading the Hugging Face dataset {dataset_id!r} (split {cfg.split}) failed: "
             f"{type(error).__name__}: {error}"
-        ) from None
+        ) from error
 
 
 def imagefolder_rows(cfg, folder):
@@ -192,7 +192,7 @@ def http_get(url, cfg):
                 return response.read()
         except urllib.error.HTTPError as error:
             if error.code < 500 and error.code != 429:
-                raise ImageUnavailable(f"HTTP {error.code} for {url}") from None
+                raise ImageUnavailable(f"HTTP {error.code} for {url}") from error
             problem = f"HTTP {error.code}"
         except (urllib.error.URLError, OSError) as error:
             problem = str(getattr(error, "reason", error))
@@ -218,7 +218,7 @@ def download_file(url, cfg):
         raise PipelineError(
             f"downloading {url} failed: {getattr(error, 'reason', error)}. Download it by hand and pass "
             f"--coco_annotations=<path to the .zip or captions_{cfg.split}2014.json>"
-        ) from None
+        ) from error
     return path
 
 
@@ -234,7 +234,7 @@ def save_rgb_jpeg(image_or_bytes, path, max_side):
             image = Image.open(io.BytesIO(image_or_bytes))
             image.load()  # decodes fully, so a truncated file fails here
         except (OSError, Image.DecompressionBombError) as error:
-            raise ImageUnavailable(f"the image does not decode ({error}): a corrupt or incomplete file") from None
+            raise ImageUnavailable(f"the image does not decode ({error}): a corrupt or incomplete file") from error
         if image.format == "JPEG" and image.mode == "RGB" and max(image.size) <= max_side:
             with atomic_write(path, "wb") as file:
                 file.write(image_or_bytes)

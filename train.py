@@ -569,9 +569,9 @@ def main(argv=()):
                 return super()._get_train_sampler(train_dataset)
             return LengthGroupedSampler(dataset.lengths, step_samples * args.world_size, cfg.seed)
 
-    class SamplerEpoch(TrainerCallback):
+    class EpochsAndCheckpoints(TrainerCallback):
         """Gives the sampler each epoch's number itself: accelerate does not pass it on when several processes resume
-        in the middle of an epoch, and the sampler then repeated epoch 0's order there."""
+        in the middle of an epoch, and the sampler then repeated epoch 0's order there. Makes checkpoints readable."""
 
         def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
             sampler = train_dataloader.batch_sampler  # wrapped in accelerate's shards, then torch's batches
@@ -579,22 +579,26 @@ def main(argv=()):
                 sampler = getattr(sampler, "batch_sampler", None) or sampler.sampler
             sampler.set_epoch(int(state.epoch))  # a resumed run's state.epoch is fractional, like 1.5
 
+        def on_save(self, args, state, control, **kwargs):  # safetensors writes the adapter readable by us alone
+            if state.is_world_process_zero:
+                readable_by_all(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
     trainer = CaptionTrainer(
         model=lora_model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
         processing_class=processor,  # so every checkpoint folder also holds the processor files
-        callbacks=[SwanLabCallback(), SamplerEpoch()],
+        callbacks=[SwanLabCallback(), EpochsAndCheckpoints()],
     )
     try:
         trainer.train(resume_from_checkpoint=resume_from)
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as error:
         raise PipelineError(
             f"the GPU ran out of memory in training (micro-batches of {micro_batch}, gradient checkpointing "
             f"{'on' if checkpointing else 'off'}). Run again to continue from the last checkpoint with a smaller "
             "--micro_batch_size, --gradient_checkpointing=true or a smaller --image_size"
-        ) from None
+        ) from error
     save_final_adapter(trainer, processor, cfg.output_dir, cfg.image_size, model_folder)
     # under ZeRO-3 each process holds a slice of every weight: all of them generate together (transformers then
     # passes synced_gpus=True), else the others would leave rank 0 waiting for slices that never come

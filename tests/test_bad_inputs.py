@@ -376,3 +376,11 @@ def test_readme_troubleshooting_quotes_what_the_scripts_say():
     for fragment in quoted:
         for piece in filter(None, (part.strip() for part in fragment.split("…"))):
             assert piece.replace('"', '\\"') in source or piece in source, f"README quotes {fragment!r}; not in the code"
+
+
+def test_debug_shows_where_a_reported_failure_started(tmp_path):
+    result = run("csv2json.py", "--csv_path=missing.csv", cwd=tmp_path)
+    assert result.stderr.startswith("error: CSV not found: missing.csv") and "Traceback" not in result.stderr
+    result = run("csv2json.py", "--csv_path=missing.csv", "--debug=true", cwd=tmp_path)
+    assert "FileNotFoundError: [Errno 2] No such file or directory: 'missing.csv'" in result.stderr
+    assert "The above exception was the direct cause of the following exception" in result.stderr

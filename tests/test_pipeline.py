@@ -161,8 +161,10 @@ def test_merged_and_adapter_folders_carry_the_training_image_size_and_the_files_
     assert config["text_config"]["rope_scaling"] == config["rope_scaling"] == {"type": "mrope",
                                                                                "mrope_section": [2, 3, 3]}
     assert config["text_config"]["tie_word_embeddings"] is True
-    checkpoint = json.loads((work / "output" / "Qwen2-VL-2B" / "checkpoint-150" / "processor_config.json").read_text())
-    assert checkpoint["image_processor"]["size"]["longest_edge"] == 56 * 56
+    checkpoint = work / "output" / "Qwen2-VL-2B" / "checkpoint-150"
+    processor = json.loads((checkpoint / "processor_config.json").read_text())
+    assert processor["image_processor"]["size"]["longest_edge"] == 56 * 56
+    assert oct((checkpoint / "adapter_model.safetensors").stat().st_mode & 0o777) == "0o644"
 
 
 def full_size_images(work):
