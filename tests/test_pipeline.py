@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import COLOR_CAPTIONS, make_imagefolder, run
+from conftest import COLOR_CAPTIONS, make_imagefolder, run, transformers_release
 
 TRAINED = ["red", "green", "blue", "yellow"]  # the last two colours, white and black, are held out (test_size=2)
 
@@ -202,8 +202,6 @@ def test_merged_model_captions_full_size_images_in_transformers_as_infer_does(tr
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["transformers==4.57.*", "transformers>=5.16.1,<5.21"], ids=["4.57", "vLLM's pin"])
 def test_merged_model_captions_full_size_images_in_older_transformers(trained_run, merged_dir, spec):
-    from conftest import transformers_release
-
     work, _ = trained_run
     client = caption_as_a_client(merged_dir, full_size_images(work)["red"], pythonpath=transformers_release(spec))
     assert client["transformers"] != "5.24.0"

@@ -49,13 +49,14 @@ def global_batch_args(tiny_model, data_json):
             *COMMON]
 
 
+def torchrun_command(*args):
+    """train.py in two processes on the CPU, one sample each, as `torchrun --nproc_per_node=2 train.py ...` runs it."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(REPO, "train.py"), *args, "--per_device_train_batch_size=1"]
+
+
 def torchrun(*args, cwd):
-    """train.py in two processes on the CPU, as `torchrun --nproc_per_node=2 train.py ...` runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(REPO, "train.py"), *args, "--per_device_train_batch_size=1"],
-        cwd=cwd, capture_output=True, text=True, timeout=1200,
-    )
+    return subprocess.run(torchrun_command(*args), cwd=cwd, capture_output=True, text=True, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -211,10 +212,8 @@ def test_two_processes_killed_mid_epoch_resume_to_the_losses_of_an_uninterrupted
 
     output_dir = tmp_path / "out"
     args = [*two_process_resume_args(tiny_model, data_json, output_dir), order]
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(REPO, "train.py"), *args, "--per_device_train_batch_size=1"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(torchrun_command(*args), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
     first_checkpoint = output_dir / "checkpoint-3" / "trainer_state.json"
     deadline = time.time() + 300
     while not first_checkpoint.exists() and launcher.poll() is None and time.time() < deadline:
