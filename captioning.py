@@ -3,6 +3,8 @@
 Training and inference both build their prompts with `build_messages` and load images with `load_image`,
 so the prompt and image size cannot drift apart between them.
 """
+import argparse
+import difflib
 import glob
 import json
 import os
@@ -10,11 +12,14 @@ import re
 import shutil
 import signal
 import sys
-from contextlib import contextmanager
+import textwrap
+import tokenize
+from contextlib import contextmanager, suppress
 from types import SimpleNamespace
 
 RUN_CONFIG = "run_config.json"  # the settings a training run used, saved next to its adapter
 END_OF_TURN = "<|im_end|>"  # Qwen2-VL's chat template closes every turn with it; the model must learn to emit it
+IGNORE_INDEX = -100  # label value the loss skips
 
 
 class PipelineError(Exception):
@@ -47,46 +52,185 @@ def stop_on_sigterm(signum, frame):
 
 
 def debug_requested(main, argv):
-    try:
-        return parse_settings(main.__globals__, argv).debug
+    try:  # settings the block does not name are let through here: only debug matters
+        return parse_settings(main.__globals__, argv, more_settings=lambda *unchecked: {}).debug
     except PipelineError:
         return False
 
 
 # ----------------------------------------------------------------------------- settings
 
-def parse_settings(script_globals, argv):
-    """The script's lowercase constants, with `--name=value` overrides from argv checked against their types."""
-    settings = {
-        name: value
-        for name, value in script_globals.items()
-        if name.islower() and not name.startswith("_") and type(value) in (bool, int, float, str)
-    }
-    for arg in argv:
-        name, sep, text = arg[2:].partition("=")
-        if not arg.startswith("--") or not sep:
-            raise PipelineError(f"cannot read the argument {arg!r}: settings are given as --name=value")
-        if name not in settings:
-            raise PipelineError(f"unknown setting {name!r}; valid settings: {', '.join(sorted(settings))}")
-        settings[name] = _parse_value(name, text, settings[name])
-    return SimpleNamespace(**settings)
+# what train.py records in run_config.json beside its settings: passed over when that file is replayed with --config
+RECORDED_BY_TRAINING = {"prompt", "train_json", "test_json", "swanlab_mode_used", "swanlab_run_id", "world_size",
+                        "micro_batch_size_used", "gradient_checkpointing_used", "image_features_cached", "merged_from"}
 
 
-def _parse_value(name, text, default):
+class SettingsHelp(argparse.RawDescriptionHelpFormatter):
+    """The script's docstring as written; each setting's help wrapped without cutting a URL or path in two."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
+
+
+class SettingsParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as a PipelineError (one message, exit 1) instead of exiting itself."""
+
+    def error(self, message):
+        raise PipelineError(message)
+
+
+def parse_settings(script_globals, argv, more_settings=None):
+    """The script's settings block (its lowercase constants) overridden by --config=FILE, then by argv.
+
+    argv takes --name=value or --name value; a boolean may be bare (--debug); --help lists every setting with the
+    comment of its line in the block. more_settings(from_file, from_argv, block) takes what the block does not name
+    (train.py: TrainingArguments fields) and returns it as a dict; without it such names are refused."""
+    block = {name: value for name, value in script_globals.items()
+             if name.islower() and not name.startswith("_") and type(value) in (bool, int, float, str)}
+    parser = settings_parser(script_globals, block, more_settings)
+    config_path = parser.parse_known_args(argv)[0].config
+    file_settings, file_rest = argparse.Namespace(), []
+    if config_path:
+        with errors_named_after(config_path):
+            file_settings, file_rest = parser.parse_known_args(config_file_arguments(config_path, block))
+            if file_rest and not more_settings:
+                refuse_unknown(file_rest, block)
+    parser.set_defaults(**vars(file_settings))  # the command line wins over the file
+    settings, rest = parser.parse_known_args(argv)
+    del settings.config
+    if rest and not more_settings:
+        refuse_unknown(rest, block)
+    extra = more_settings(file_rest, rest, block) if more_settings else {}
+    return SimpleNamespace(**vars(settings), **extra)
+
+
+@contextmanager
+def errors_named_after(path):
+    try:
+        yield
+    except PipelineError as error:
+        raise PipelineError(f"{path}: {error}") from error
+
+
+def settings_parser(script_globals, block, more_settings):
+    path = script_globals.get("__file__") or "script.py"
+    comments = settings_comments(path)
+    parser = SettingsParser(prog=f"python {os.path.basename(path)}", usage="%(prog)s [--config FILE] [--name value ...]",
+                            description=script_globals.get("__doc__"),
+                            epilog=more_settings.__doc__ if more_settings else None, allow_abbrev=False,
+                            formatter_class=SettingsHelp)
+    parser.add_argument("--config", metavar="FILE", default="",
+                        help="a YAML or JSON file of settings; the command line wins over it. train.py's "
+                             "run_config.json is one: it repeats that run")
+    for name, default in block.items():
+        meaning = f"{comments[name]} " if name in comments else ""
+        parser.add_argument(f"--{name}", type=setting_type(name, default), default=default,
+                            help=f"{meaning}(default: {default!r})", metavar=type(default).__name__,
+                            **({"nargs": "?", "const": True} if type(default) is bool else {}))
+    return parser
+
+
+def settings_comments(path):
+    """{name: comment} of the `name = value  # comment` lines of a script's source."""
+    if not os.path.isfile(path):
+        return {}
+    lines = {}
+    with open(path, encoding="utf-8") as file:
+        for token in tokenize.generate_tokens(file.readline):
+            lines.setdefault(token.start[0], []).append(token)
+    comments = {}
+    for tokens in lines.values():
+        if (len(tokens) > 3 and tokens[0].type == tokenize.NAME and tokens[0].start[1] == 0
+                and tokens[1].string == "=" and tokens[-2].type == tokenize.COMMENT):
+            comments[tokens[0].string] = tokens[-2].string.lstrip("# ")
+    return comments
+
+
+def setting_type(name, default):
+    """argparse's type for a setting: the default's type, with numbers in any form that type allows."""
     kind = type(default)
-    if kind is str:
-        return text
-    if kind is bool:
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-    else:
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    raise PipelineError(f"--{name}={text}: expected a {kind.__name__} like the default {default!r}")
+    booleans = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+    def parse(text):
+        value = booleans.get(text.lower()) if kind is bool else text if kind is str else None
+        if kind in (int, float):
+            with suppress(ValueError):
+                value = kind(text)
+        if kind is int and value is None:  # 1e3 is a whole number too
+            with suppress(ValueError, OverflowError):
+                number = float(text)
+                value = int(number) if number.is_integer() else None
+        if value is None:
+            article = "an" if kind is int else "a"
+            raise PipelineError(f"--{name}={text}: expected {article} {kind.__name__} like the default {default!r}")
+        return value
+
+    return parse
+
+
+def config_file_arguments(path, block):
+    """A YAML or JSON settings file as --name=value arguments; keys train.py records about a run are passed over."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            values = json.load(file) if path.endswith(".json") else yaml.safe_load(file)
+    except FileNotFoundError as error:
+        raise PipelineError(f"--config={path}: file not found") from error
+    except (ValueError, yaml.YAMLError) as error:
+        raise PipelineError(f"--config={path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
+                            f"{error}") from error
+    if not isinstance(values, dict):
+        raise PipelineError(f"--config={path}: expected a mapping of setting names to values, found a "
+                            f"{type(values).__name__}")
+    arguments = []
+    for name, value in values.items():
+        if name in RECORDED_BY_TRAINING and name not in block:
+            continue
+        if isinstance(value, bool):
+            value = str(value).lower()
+        elif isinstance(value, (dict, list)) or value is None:
+            value = json.dumps(value)
+        arguments.append(f"--{name}={value}")
+    return arguments
+
+
+def require_positive(cfg, *names):
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise PipelineError(f"--{name}={getattr(cfg, name)}: use a positive number")
+
+
+def parse_dataclass_settings(fields_of, from_file, from_argv, block):
+    """{name: value} of the fields of a dataclass (train.py: TrainingArguments) given in a config file or argv
+    beside a script's block, checked by name and type with transformers' own HfArgumentParser."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(fields_of, allow_abbrev=False)
+    parser.error = SettingsParser.error.__get__(parser)
+    defaults = vars(parser.parse_args([]))
+    file_values, file_rest = parser.parse_known_args(from_file)
+    parser.set_defaults(**vars(file_values))
+    values, rest = parser.parse_known_args(from_argv)
+    if file_rest or rest:
+        refuse_unknown(file_rest or rest, block, [*defaults, *block], f"or a {fields_of.__name__} field")
+    given = {name: value for name, value in vars(values).items() if value != defaults[name]}
+    for name in given.keys() & block.keys():  # reached through an alias such as --per-device-train-batch-size
+        raise PipelineError(f"give {name} as --{name}: it is one of this script's own settings")
+    return given
+
+
+def refuse_unknown(arguments, block, valid_names=None, more=""):
+    """Stop at the first argument that is not a known setting, naming the closest valid one."""
+    valid_names = valid_names or list(block)
+    argument = arguments[0]
+    if not argument.startswith("--"):
+        raise PipelineError(f"cannot read the argument {argument!r}: settings are given as --name=value or "
+                            "--name value (python SCRIPT --help lists them)")
+    name = argument[2:].partition("=")[0]
+    close = difflib.get_close_matches(name, valid_names, n=1)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    raise PipelineError(f"unknown setting {name!r}{hint}; valid settings: {', '.join(sorted(block))} {more}".strip())
 
 
 # ----------------------------------------------------------------------------- files
@@ -255,25 +399,51 @@ def trained_adapter(checkpoint, output_dir):
 
 # ----------------------------------------------------------------------------- tracking
 
+SWANLAB_MODES = {"cloud": "online", "online": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
+
+
 def swanlab_run_mode(requested):
-    """SwanLab's own mode name for the swanlab_mode setting; auto is cloud when logged in, else local."""
-    modes = {"cloud": "online", "online": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
+    """SwanLab's own mode name for the swanlab_mode setting; auto is $SWANLAB_MODE when set, else cloud when logged
+    in, else local."""
+    rename_swanlab_project_variable()
+    if requested == "auto" and os.environ.get("SWANLAB_MODE"):
+        requested = os.environ["SWANLAB_MODE"]
+        if requested not in SWANLAB_MODES:
+            raise PipelineError(f"SWANLAB_MODE={requested}: use cloud, local, offline or disabled")
     if requested == "auto":
         return "online" if swanlab_logged_in() else "local"
-    if requested not in modes:
+    if requested not in SWANLAB_MODES:
         raise PipelineError(f"--swanlab_mode={requested}: use auto, cloud, local, offline or disabled")
-    return modes[requested]
+    return SWANLAB_MODES[requested]
+
+
+def rename_swanlab_project_variable():
+    """swanlab 0.10 reads $SWANLAB_PROJECT as a JSON object and stops on a plain name: it becomes $SWANLAB_PROJ_NAME,
+    swanlab's own name for the project."""
+    if "SWANLAB_PROJECT" in os.environ:
+        os.environ.setdefault("SWANLAB_PROJ_NAME", os.environ.pop("SWANLAB_PROJECT"))
 
 
 def swanlab_logged_in():
-    if os.environ.get("SWANLAB_API_KEY"):
-        return True
-    try:
-        from swanlab.sdk.internal.settings import Settings  # reads the key `swanlab login` saved
+    import swanlab
 
-        return Settings().api_key is not None
-    except Exception:
+    try:
+        return swanlab.Settings().api_key is not None  # SWANLAB_API_KEY, or the key `swanlab login` saved
+    except Exception:  # an unreadable setting in the environment: swanlab.init will name it
         return False
+
+
+def start_swanlab(mode, project, default_project, name, config, run_id=None):
+    """A SwanLab run; with run_id it continues that run's experiment. $SWANLAB_PROJ_NAME (or $SWANLAB_PROJECT)
+    replaces the project when the setting is left at default_project; swanlab itself reads $SWANLAB_WORKSPACE and
+    $SWANLAB_LOG_DIR."""
+    import swanlab
+
+    rename_swanlab_project_variable()
+    if project == default_project:
+        project = os.environ.get("SWANLAB_PROJ_NAME") or project
+    return swanlab.init(project=project, name=name, config=config, mode=mode, id=run_id,
+                        resume="allow" if run_id else None)
 
 
 # ----------------------------------------------------------------------------- images and messages
@@ -305,17 +475,6 @@ def load_image(path, image_size):
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise PipelineError(f"cannot read image {path}: {error}") from error
     return image.resize((image_size, image_size), Image.BICUBIC)
-
-
-def load_images(paths, image_size):
-    """(path, image) for every image that loads; each one that does not is named and skipped."""
-    loaded = []
-    for path in paths:
-        try:
-            loaded.append((path, load_image(path, image_size)))
-        except PipelineError as error:
-            print(f"skipped: {error}")
-    return loaded
 
 
 def build_messages(image, prompt, caption=None):
@@ -371,6 +530,29 @@ def load_model_and_processor(model, on_device=False, dtype=None):
     base_model = Qwen2VLForConditionalGeneration.from_pretrained(
         path, dtype=dtype or device_dtype, use_safetensors=True, attn_implementation=attention_implementation(device))
     return base_model.to(device) if on_device else base_model, processor
+
+
+def caption_files(model, processor, paths, image_size, prompt, max_new_tokens, batch_size, description="captioning",
+                  show_progress=True):
+    """[(path, caption)] for every image that loads, read batch by batch as the model needs them rather than all
+    first; each one that does not load is named and skipped."""
+    from tqdm import tqdm
+
+    captioned = []
+    paths = list(paths)
+    with tqdm(total=len(paths), desc=description, unit="image", disable=not show_progress) as progress:
+        for start in range(0, len(paths), batch_size):
+            loaded = []
+            for path in paths[start:start + batch_size]:
+                try:
+                    loaded.append((path, load_image(path, image_size)))
+                except PipelineError as error:
+                    progress.write(f"skipped: {error}")
+            captions = generate_captions(model, processor, [image for _, image in loaded], prompt, max_new_tokens,
+                                         batch_size, show_progress=False) if loaded else []
+            captioned += [(path, caption) for (path, _), caption in zip(loaded, captions)]
+            progress.update(len(paths[start:start + batch_size]))
+    return captioned
 
 
 def generate_captions(model, processor, images, prompt, max_new_tokens, batch_size, show_progress=True):

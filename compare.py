@@ -19,15 +19,19 @@ import shutil
 import subprocess
 import time
 
+from tqdm import tqdm
+
 from captioning import (
     PipelineError,
     atomic_write,
-    generate_captions,
-    load_images,
+    caption_files,
+    load_image,
     load_model_and_processor,
     parse_settings,
     read_conversations,
+    require_positive,
     run_script,
+    start_swanlab,
     swanlab_run_mode,
     trained_adapter,
     write_json,
@@ -42,8 +46,8 @@ report_dir = ""  # where metrics.json and report.html go; empty: output_dir/eval
 batch_size = 8
 max_new_tokens = 128
 java = "auto"  # auto: use Java when installed (PTB tokenizer, METEOR, SPICE) | never: the pure-Python path
-swanlab_mode = "auto"  # auto (cloud when logged in, else local) | cloud | local | offline | disabled
-swanlab_project = "Qwen2-VL-finetune"
+swanlab_mode = "auto"  # auto ($SWANLAB_MODE, else cloud when logged in, else local) | cloud | local | offline | disabled
+swanlab_project = "Qwen2-VL-finetune"  # $SWANLAB_PROJ_NAME or $SWANLAB_PROJECT, when set, replaces this default
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
@@ -92,7 +96,7 @@ def spice_models_present():
         os.path.join(os.path.dirname(spice.origin), "lib", "stanford-corenlp-3.6.0.jar"))
 
 
-def score_captions(references, candidates, use_java):
+def score_captions(references, candidates, use_java, description="scoring"):
     """COCO caption metrics of candidates {id: caption} against references {id: [captions]}, as pycocoevalcap
     computes them. Returns ({metric: value or None}, {metric: why it was skipped})."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -102,17 +106,22 @@ def score_captions(references, candidates, use_java):
     gts = tokenize_all(references, use_java)
     res = tokenize_all({key: [caption] for key, caption in candidates.items()}, use_java)
     scores, skipped = dict.fromkeys(METRICS), {}
-    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their internals
+    progress = tqdm(total=5, desc=description, unit="metric")  # BLEU, ROUGE-L, CIDEr-D, METEOR, SPICE
+    with contextlib.redirect_stdout(io.StringIO()), progress:  # the scorers print their internals
         bleu, _ = Bleu(4).compute_score(gts, res)
         scores.update(zip(METRICS[:4], bleu))
+        progress.update()
         scores["ROUGE-L"], _ = Rouge().compute_score(gts, res)
+        progress.update()
         scores["CIDEr-D"], _ = Cider().compute_score(gts, res)
+        progress.update()
         if use_java:
             from pycocoevalcap.meteor.meteor import Meteor
 
             scores["METEOR"], _ = Meteor().compute_score(gts, res)
         else:
             skipped["METEOR"] = "needs Java"
+        progress.update()
         if not use_java:
             skipped["SPICE"] = "needs Java"
         elif not spice_models_present():
@@ -124,6 +133,7 @@ def score_captions(references, candidates, use_java):
                 scores["SPICE"], _ = Spice().compute_score(gts, res)
             except Exception as error:  # SPICE 1.0 runs only on some Java versions
                 skipped["SPICE"] = f"failed: {type(error).__name__}: {error}"
+        progress.update()
     return {name: float(value) if value is not None else None for name, value in scores.items()}, skipped
 
 
@@ -138,7 +148,8 @@ def refuse_training_images(eval_images, train_json):
     """Stop when an evaluation image is also a training image, by path or by identical file content."""
     train_images = {sample["image_path"] for sample in read_conversations(train_json)}
     train_paths = {os.path.realpath(path) for path in train_images}
-    train_digests = {file_digest(path) for path in train_images if os.path.isfile(path)}
+    train_digests = {file_digest(path) for path in tqdm(train_images, desc="hashing the training images", unit="image")
+                     if os.path.isfile(path)}
     overlap = [path for path in eval_images if os.path.realpath(path) in train_paths
                or (os.path.isfile(path) and file_digest(path) in train_digests)]
     if overlap:
@@ -161,8 +172,9 @@ def metrics_table(metrics, skipped):
     return "\n".join(lines)
 
 
-def thumbnail_data_uri(image, side=256):
-    thumbnail = image.copy()
+def thumbnail_data_uri(path, image_size, side=256):
+    """The image as the model saw it, small enough to embed in the report."""
+    thumbnail = load_image(path, image_size)
     thumbnail.thumbnail((side, side))
     buffer = io.BytesIO()
     thumbnail.save(buffer, format="JPEG", quality=85)
@@ -214,6 +226,7 @@ ul {{ margin: 0; padding-left: 1.2em; }}
 
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
+    require_positive(cfg, "batch_size", "max_new_tokens")
     if cfg.java not in ("auto", "never"):
         raise PipelineError(f"--java={cfg.java}: use auto or never")
     mode = swanlab_run_mode(cfg.swanlab_mode)
@@ -228,33 +241,31 @@ def main(argv=()):
         print("Java was not found: scoring BLEU, ROUGE-L and CIDEr-D with a Python tokenizer that matches the PTB "
               "tokenizer on caption text; METEOR and SPICE are skipped (install Java 8+ to get them)")
 
-    loaded = load_images(references, run_config["image_size"])
-    if not loaded:
-        raise PipelineError(f"none of the images in {eval_json} could be read")
-    images = [image for _, image in loaded]
-
     from peft import PeftModel
 
     base_model, processor = load_model_and_processor(cfg.model or run_config["model"], on_device=True)
     lora_model = PeftModel.from_pretrained(base_model, checkpoint_dir).eval()
     captions, seconds = {}, {}
-    for key in MODELS:
+    for key, label in MODELS.items():
         start = time.perf_counter()
         with lora_model.disable_adapter() if key == "base" else contextlib.nullcontext():
-            captions[key] = generate_captions(lora_model, processor, images, run_config["prompt"],
-                                              cfg.max_new_tokens, cfg.batch_size)
+            captions[key] = dict(caption_files(lora_model, processor, references, run_config["image_size"],
+                                               run_config["prompt"], cfg.max_new_tokens, cfg.batch_size,
+                                               description=f"captioning with the {label}"))
         seconds[key] = time.perf_counter() - start
+    paths = list(captions["base"])
+    if not paths:
+        raise PipelineError(f"none of the images in {eval_json} could be read")
 
-    paths = [path for path, _ in loaded]
-    scored = {key: score_captions({path: references[path] for path in paths}, dict(zip(paths, captions[key])), use_java)
-              for key in MODELS}
+    scored = {key: score_captions({path: references[path] for path in paths}, captions[key], use_java,
+                                  f"scoring the {label}") for key, label in MODELS.items()}
     metrics = {key: scores for key, (scores, _) in scored.items()}
     skipped = scored["fine_tuned"][1]  # the same for both: it depends on Java and SPICE's models only
     table = metrics_table(metrics, skipped)
     print(table)
-    rows = [{"image_path": path, "references": references[path], "base": base, "fine_tuned": tuned,
-             "thumbnail": thumbnail_data_uri(image)}
-            for (path, image), base, tuned in zip(loaded, captions["base"], captions["fine_tuned"])]
+    rows = [{"image_path": path, "references": references[path], "base": captions["base"][path],
+             "fine_tuned": captions["fine_tuned"][path], "thumbnail": thumbnail_data_uri(path, run_config["image_size"])}
+            for path in paths]
 
     report_dir = cfg.report_dir or os.path.join(cfg.output_dir, "eval")
     os.makedirs(report_dir, exist_ok=True)
@@ -275,7 +286,7 @@ def main(argv=()):
 def log_to_swanlab(cfg, mode, run_config, metrics, rows):
     import swanlab
 
-    swanlab.init(project=cfg.swanlab_project, experiment_name="compare", config={**run_config, **vars(cfg)}, mode=mode)
+    start_swanlab(mode, cfg.swanlab_project, swanlab_project, "compare", {**run_config, **vars(cfg)})
     swanlab.log({f"eval/{key}/{name}": value for key in MODELS for name, value in metrics[key].items()
                  if value is not None})
     table = swanlab.echarts.Table()

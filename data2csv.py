@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 from PIL import Image
 from tqdm import tqdm
 
-from captioning import PipelineError, atomic_write, parse_settings, run_script, to_rgb
+from captioning import PipelineError, atomic_write, parse_settings, require_positive, run_script, to_rgb
 
 # ----------------------------------------------------------------------------- settings
 source = "modelscope"  # modelscope | coco | hf:<dataset id> | path to a local imagefolder
@@ -256,6 +256,7 @@ def image_file_name(image_id):
 
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
+    require_positive(cfg, "max_data_number", "max_image_side")
     os.makedirs(cfg.image_dir, exist_ok=True)
     for leftover in glob.glob(os.path.join(cfg.image_dir, "*.part")):
         os.remove(leftover)  # a write that an earlier run did not finish

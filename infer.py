@@ -5,7 +5,8 @@
     python infer.py --model=output/Qwen2-VL-2B-merged                # a merged model from merge.py
 
 Uses the prompt, image size and base model that training saved in run_config.json, generates greedily in
-batches, prints each caption and writes one JSON record per image (image_path, caption) to output_path.
+batches, prints each caption and writes one JSON record per image (image_path, caption, model, adapter) to
+output_path, by default predictions.jsonl next to the adapter used.
 """
 import glob
 import json
@@ -15,12 +16,12 @@ from captioning import (
     RUN_CONFIG,
     PipelineError,
     atomic_write,
-    generate_captions,
-    load_images,
+    caption_files,
     load_model_and_processor,
     parse_settings,
     read_conversations,
     read_run_config,
+    require_positive,
     run_script,
     trained_adapter,
 )
@@ -32,7 +33,7 @@ checkpoint = ""  # adapter folder; empty: the newest trained adapter under outpu
 images = ""  # comma-separated image paths or globs; empty: the held-out test images of training
 batch_size = 8
 max_new_tokens = 128
-output_path = "predictions.jsonl"
+output_path = ""  # one JSON record per image; empty: predictions.jsonl in the adapter's (or merged model's) folder
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
@@ -50,6 +51,7 @@ def expand_images(spec):
 
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
+    require_positive(cfg, "batch_size", "max_new_tokens")
     merged = cfg.model and not cfg.checkpoint and os.path.isfile(os.path.join(cfg.model, RUN_CONFIG))
     if merged:  # a model written by merge.py: the adapter is already folded in
         checkpoint_dir, run_config = None, read_run_config(cfg.model)
@@ -61,27 +63,32 @@ def main(argv=()):
         image_paths = list(dict.fromkeys(sample["image_path"] for sample in read_conversations(run_config["test_json"])))
     if not image_paths:
         raise PipelineError("no image to caption: set --images to image paths or globs")
-    loaded = load_images(image_paths, run_config["image_size"])
-    if not loaded:
-        raise PipelineError(f"none of the {len(image_paths)} images could be read")
+    if not any(os.path.isfile(path) for path in image_paths):
+        raise PipelineError(f"none of the {len(image_paths)} images exists: {', '.join(image_paths[:3])}")
 
-    model, processor = load_model_and_processor(cfg.model or run_config["model"], on_device=True)
+    base = cfg.model or run_config["model"]
+    model, processor = load_model_and_processor(base, on_device=True)
     if checkpoint_dir:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, checkpoint_dir)
     model.eval()
-    print(f"captioning {len(loaded)} images with {checkpoint_dir or cfg.model} (prompt {run_config['prompt']!r}, "
+    used = checkpoint_dir or cfg.model
+    print(f"captioning {len(image_paths)} images with {used} (prompt {run_config['prompt']!r}, "
           f"{run_config['image_size']}x{run_config['image_size']})")
-    captions = generate_captions(
-        model, processor, [image for _, image in loaded], run_config["prompt"], cfg.max_new_tokens, cfg.batch_size
-    )
+    captioned = caption_files(model, processor, image_paths, run_config["image_size"], run_config["prompt"],
+                              cfg.max_new_tokens, cfg.batch_size)
+    if not captioned:
+        raise PipelineError(f"none of the {len(image_paths)} images could be read")
 
-    with atomic_write(cfg.output_path, encoding="utf-8") as file:
-        for (path, _), caption in zip(loaded, captions):
-            file.write(json.dumps({"image_path": path, "caption": caption}, ensure_ascii=False) + "\n")
+    output_path = cfg.output_path or os.path.join(used, "predictions.jsonl")
+    adapter = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
+    with atomic_write(output_path, encoding="utf-8") as file:
+        for path, caption in captioned:
+            record = {"image_path": path, "caption": caption, "model": base, "adapter": adapter}
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
             print(f"{path}: {caption}")
-    print(f"wrote {len(captions)} captions to {cfg.output_path}")
+    print(f"wrote {len(captioned)} captions to {output_path}")
 
 
 if __name__ == "__main__":

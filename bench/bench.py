@@ -209,6 +209,7 @@ def measure_training(cfg, path_name):
     from accelerate.utils import send_to_device
     from peft import LoraConfig, get_peft_model
 
+    import speed
     import train
 
     model, processor, device, dtype = model_and_device(cfg)
@@ -218,20 +219,20 @@ def measure_training(cfg, path_name):
         torch.cuda.reset_peak_memory_stats()
     encode_seconds = 0.0
     if path_name == "recipe":  # gradient checkpointing always on, 4 x 4 accumulation, the preprocessed dataset
-        train.set_gradient_checkpointing(model, True)
+        speed.set_gradient_checkpointing(model, True)
         micro_batch, sampler = BATCH, None
         loader = recipe_loader(cfg, processor, cfg.images)
     else:  # what train.py does: image features once, micro-batches and checkpointing by a memory probe, grouping
         dataset = project_dataset(cfg, processor, cfg.images)
         start = time.perf_counter()
-        dataset.image_features = train.encode_images(model, processor, dataset.image_paths(), cfg.image_size,
+        dataset.image_features = speed.encode_images(model, processor, dataset.image_paths(), cfg.image_size,
                                                      BATCH * ACCUMULATION)
         encode_seconds = time.perf_counter() - start
         collator = train.CaptionCollator(processor.tokenizer.pad_token_id)
         plan = SimpleNamespace(per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
                                micro_batch_size="auto", gradient_checkpointing="auto")
-        micro_batch, _ = train.plan_steps(plan, model, dataset, collator, 1)
-        sampler = train.LengthGroupedSampler(dataset.lengths, BATCH * ACCUMULATION, seed=0)
+        micro_batch, _ = speed.plan_steps(plan, model, dataset, collator, 1)
+        sampler = speed.LengthGroupedSampler(dataset.lengths, BATCH * ACCUMULATION, seed=0)
         loader = project_loader(dataset, collator, micro_batch, sampler)
     model.train()
     accumulation = BATCH * ACCUMULATION // micro_batch

@@ -75,10 +75,13 @@ def test_infer_returns_exactly_the_trained_captions(trained_run):
     work, _ = trained_run
     images = ",".join(str(work / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED)
     result = check(run("infer.py", f"--images={images}", "--batch_size=3", cwd=work))
-    records = [json.loads(line) for line in (work / "predictions.jsonl").read_text().splitlines()]
+    written = work / "output" / "Qwen2-VL-2B" / "predictions.jsonl"  # next to the newest adapter
+    records = [json.loads(line) for line in written.read_text().splitlines()]
     assert [(os.path.basename(r["image_path"]), r["caption"]) for r in records] == [
         (f"{color}.jpg", COLOR_CAPTIONS[color]) for color in TRAINED
     ]
+    assert {(r["adapter"], os.path.isabs(r["model"])) for r in records} == {(str(written.parent), True)}
+    assert f"wrote 4 captions to {os.path.join('output', 'Qwen2-VL-2B', 'predictions.jsonl')}" in result.stdout
     assert f"{images.split(',')[0]}: {COLOR_CAPTIONS['red']}" in result.stdout
 
 

@@ -15,6 +15,7 @@ import torch
 import csv2json
 import data2csv
 import train
+import training_run
 from captioning import PipelineError, checkpoint_folders
 from conftest import REPO, make_imagefolder, run
 
@@ -124,9 +125,10 @@ def resume_args(tiny_model, data_json, output_dir):
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one(
-        stop, tmp_path, tiny_model, data_json, uninterrupted):
+        stop, tmp_path, tiny_model, data_json, uninterrupted, monkeypatch):
     output_dir = tmp_path / "out"
-    args = resume_args(tiny_model, data_json, output_dir)
+    monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "swanlab-logs"))
+    args = [*resume_args(tiny_model, data_json, output_dir), "--swanlab_mode", "local"]
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first_checkpoint = output_dir / "checkpoint-10" / "trainer_state.json"
@@ -140,6 +142,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     else:
         assert process.returncode == -signal.SIGKILL
     assert not (output_dir / "adapter_config.json").exists()  # it did not finish
+    first_run_id = json.loads((output_dir / "run_config.json").read_text())["swanlab_run_id"]
     interrupted_at = max_step(output_dir)
     assert 10 <= interrupted_at < 120
 
@@ -150,6 +153,12 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     expected_step, expected_losses = uninterrupted
     assert final_step == expected_step == 120
     assert losses[-1] == pytest.approx(expected_losses[-1], abs=1e-3)  # same optimizer, schedule and data order
+    # the same SwanLab experiment continues, logged where SWANLAB_LOG_DIR says
+    assert json.loads((output_dir / "run_config.json").read_text())["swanlab_run_id"] == first_run_id
+    assert len([name for name in os.listdir(tmp_path / "swanlab-logs") if name.endswith(first_run_id)]) == 2
+    # and, as the Hugging Face example scripts do, the run's state and results at the top of output_dir
+    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 120
+    assert json.loads((output_dir / "train_results.json").read_text())["epoch"] == pytest.approx(2)
 
     captioned = run("infer.py", f"--output_dir={output_dir}", f"--output_path={tmp_path}/p.jsonl", cwd=tmp_path)
     assert captioned.returncode == 0, captioned.stderr[-5000:]
@@ -172,13 +181,13 @@ def test_deepspeed_configs_ship_and_are_selected_by_one_setting():
         assert config["zero_optimization"]["stage"] == stage
         assert config["train_micro_batch_size_per_gpu"] == "auto"  # filled in from train.py's settings
     with pytest.raises(PipelineError, match="--deepspeed=zero4: use zero2, zero3 or the path of a DeepSpeed JSON"):
-        train.resolve_deepspeed("zero4")
-    assert train.resolve_deepspeed("") is None
+        training_run.resolve_deepspeed("zero4")
+    assert training_run.resolve_deepspeed("") is None
     if importlib.util.find_spec("deepspeed") is None:
         with pytest.raises(PipelineError, match="--deepspeed=zero2 needs DeepSpeed, which is not installed"):
-            train.resolve_deepspeed("zero2")
+            training_run.resolve_deepspeed("zero2")
     else:
-        assert train.resolve_deepspeed("zero3") == os.path.join(REPO, "deepspeed", "zero3.json")
+        assert training_run.resolve_deepspeed("zero3") == os.path.join(REPO, "deepspeed", "zero3.json")
 
 
 def test_a_launcher_that_asked_for_two_cpu_processes_but_started_one_is_reported(tmp_path):

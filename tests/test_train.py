@@ -1,12 +1,13 @@
 """train.py's parts: split by image, the label mask, the collator with mixed image sizes, skipping long samples."""
 import json
+import os
 
 import pytest
 import torch
 from PIL import Image
 
 import train
-from captioning import PipelineError, read_conversations, swanlab_run_mode
+from captioning import PipelineError, read_conversations, start_swanlab, swanlab_run_mode
 
 
 def sample(image_path, caption, prompt="COCO Yes:"):
@@ -106,6 +107,27 @@ def test_lora_adapts_only_the_language_model(tiny_model):
     adapted = {name for name, _ in lora.named_modules() if name.endswith("lora_A")}
     assert adapted and all(".language_model." in name for name in adapted)
     assert len(adapted) == 2 * len(train.LORA_TARGET_MODULES)  # every projection of both tiny layers
+
+
+def test_swanlab_follows_its_environment_variables(monkeypatch):
+    import swanlab
+
+    monkeypatch.delenv("SWANLAB_PROJ_NAME", raising=False)  # so that the one set below is removed afterwards
+    monkeypatch.setenv("SWANLAB_MODE", "offline")
+    monkeypatch.setenv("SWANLAB_PROJECT", "my-project")
+    assert swanlab_run_mode("auto") == "offline"
+    assert swanlab_run_mode("disabled") == "disabled"  # a setting given outright wins
+    assert "SWANLAB_PROJECT" not in os.environ and os.environ["SWANLAB_PROJ_NAME"] == "my-project"
+    swanlab.Settings()  # which SWANLAB_PROJECT=my-project would stop with a SettingsError
+    calls = []
+    monkeypatch.setattr(swanlab, "init", lambda **kwargs: calls.append(kwargs))
+    start_swanlab("offline", "Qwen2-VL-finetune", "Qwen2-VL-finetune", "run", {}, "abc123")
+    start_swanlab("offline", "chosen", "Qwen2-VL-finetune", "run", {})
+    assert [(call["project"], call["id"], call["resume"]) for call in calls] == [
+        ("my-project", "abc123", "allow"), ("chosen", None, None)]
+    monkeypatch.setenv("SWANLAB_MODE", "web")
+    with pytest.raises(PipelineError, match="SWANLAB_MODE=web: use cloud, local, offline or disabled"):
+        swanlab_run_mode("auto")
 
 
 def test_swanlab_modes():

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+import speed
 import train
-from captioning import PipelineError
+from captioning import IGNORE_INDEX, PipelineError
 from bench.bench import recipe_collator, recipe_process_func
 
 CAPTIONS = ["a red square on a table", "a green field under the sky", "a blue boat", "a yellow cat sleeping"]
@@ -85,7 +86,7 @@ def test_the_collators_give_the_same_loss_on_the_same_batch(samples, tiny_model,
 def test_logits_only_for_supervised_tokens_give_the_same_loss_and_gradients(samples, tiny_model, tiny_processor):
     model = lora_model(tiny_model)
     batch = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)([sample for _, sample in samples])
-    answer_tokens = int((batch["labels"] != train.IGNORE_INDEX).sum())
+    answer_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
     assert batch["logits_to_keep"].sum() == len(batch["shift_labels"]) == answer_tokens
     assert model(**batch).logits.shape[0] == answer_tokens  # not batch x sequence x vocabulary
     full = {key: value for key, value in batch.items() if key not in ("logits_to_keep", "shift_labels")}
@@ -141,7 +142,7 @@ def test_cached_image_features_give_the_same_loss_and_gradients(dataset, tiny_mo
     collate = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)
     dataset.image_features = None
     loss_computed, grads_computed = loss_and_gradients(model, collate([dataset[i] for i in range(len(dataset))]))
-    dataset.image_features = train.encode_images(model, tiny_processor, dataset.image_paths(), 56, batch_size=3)
+    dataset.image_features = speed.encode_images(model, tiny_processor, dataset.image_paths(), 56, batch_size=3)
     cached = collate([dataset[i] for i in range(len(dataset))])
     assert "pixel_values" not in cached and len(dataset.image_features) == 4  # each image encoded once
     loss_cached, grads_cached = loss_and_gradients(model, cached)
@@ -154,22 +155,22 @@ def test_feature_cache_is_used_only_where_it_is_exact_and_pays(dataset, tiny_mod
     model = lora_model(tiny_model)
     cfg = SimpleNamespace(cache_image_features="auto", per_device_train_batch_size=2, gradient_accumulation_steps=1,
                           max_steps=-1, num_train_epochs=1, image_size=56)
-    assert train.use_feature_cache(cfg, dataset, model, None, 1)  # 8 samples show 4 images twice each
+    assert speed.use_feature_cache(cfg, dataset, model, None, 1)  # 8 samples show 4 images twice each
     cfg.max_steps = 2  # 2 steps of 2 samples: each image at most once
-    assert not train.use_feature_cache(cfg, dataset, model, None, 1)
+    assert not speed.use_feature_cache(cfg, dataset, model, None, 1)
     cfg.cache_image_features = "true"
-    assert train.use_feature_cache(cfg, dataset, model, None, 1)
+    assert speed.use_feature_cache(cfg, dataset, model, None, 1)
     cfg.cache_image_features = "false"
-    assert not train.use_feature_cache(cfg, dataset, model, None, 1)
+    assert not speed.use_feature_cache(cfg, dataset, model, None, 1)
 
     model.get_base_model().model.visual.merger.mlp[0].weight.requires_grad_(True)  # a vision tower that trains
     for choice, expected in (("auto", False), ("true", "the adapter trains part of the vision tower")):
         cfg.cache_image_features = choice
         if expected:
             with pytest.raises(PipelineError, match=expected):
-                train.use_feature_cache(cfg, dataset, model, None, 1)
+                speed.use_feature_cache(cfg, dataset, model, None, 1)
         else:
-            assert not train.use_feature_cache(cfg, dataset, model, None, 1)
+            assert not speed.use_feature_cache(cfg, dataset, model, None, 1)
 
 
 def test_step_plan_prefers_large_micro_batches_then_checkpointing():
@@ -182,7 +183,7 @@ def test_step_plan_prefers_large_micro_batches_then_checkpointing():
 
         cfg = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=4,
                               micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing)
-        return train.step_plan(cfg, recording_fits), tried
+        return speed.step_plan(cfg, recording_fits), tried
 
     assert plan(lambda size, checkpointing: True) == ((16, False), [(16, False)])
     # activations of a sample take 3 units without checkpointing and 1 with it; the GPU holds 12
@@ -195,9 +196,11 @@ def test_step_plan_prefers_large_micro_batches_then_checkpointing():
         (8, False), [])
     assert plan(lambda size, checkpointing: size <= 2, gradient_checkpointing="true") == (
         (2, True), [(16, True), (8, True), (4, True), (2, True)])
+    cfg = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=4, micro_batch_size="5",
+                          gradient_checkpointing="auto", cache_image_features="auto")
     with pytest.raises(PipelineError, match=r"--micro_batch_size=5: use auto or a number that divides the 16 samples "
                                             r"of a step \(16, 8, 4, 2, 1\)"):
-        plan(lambda size, checkpointing: True, micro_batch_size="5")
+        speed.check_speed_settings(cfg)
 
 
 def test_the_memory_probe_tries_the_longest_samples_and_leaves_the_model_as_it_was(dataset, tiny_model, tiny_processor):
@@ -214,10 +217,10 @@ def test_the_memory_probe_tries_the_longest_samples_and_leaves_the_model_as_it_w
         return forward(**batch)
 
     model.forward = forward_on_a_small_gpu
-    fits = train.memory_probe(model, dataset, train.CaptionCollator(tiny_processor.tokenizer.pad_token_id), 1)
+    fits = speed.memory_probe(model, dataset, train.CaptionCollator(tiny_processor.tokenizer.pad_token_id), 1)
     cfg = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, micro_batch_size="auto",
                           gradient_checkpointing="auto")
-    assert train.step_plan(cfg, fits) == (8, True)  # 8 and 4 without checkpointing do not fit; 8 with it does
+    assert speed.step_plan(cfg, fits) == (8, True)  # 8 and 4 without checkpointing do not fit; 8 with it does
     longest = max(len(dataset[index]["input_ids"]) for index in range(len(dataset)))
     assert [shape[0] for shape in tried] == [8, 4, 8] and tried[1][1] == longest  # the longest samples first
     assert all(p.grad is None for p in model.parameters())
@@ -227,7 +230,7 @@ def test_the_memory_probe_tries_the_longest_samples_and_leaves_the_model_as_it_w
 def test_length_grouped_steps_keep_every_sample_once_waste_less_and_repeat_their_order():
     generator = torch.Generator().manual_seed(0)
     lengths = (120 + torch.randint(8, 30, (496,), generator=generator)).tolist()  # a prompt and a COCO caption
-    sampler = train.LengthGroupedSampler(lengths, step_samples=16, seed=3)
+    sampler = speed.LengthGroupedSampler(lengths, step_samples=16, seed=3)
     first = list(sampler)
     assert sorted(first) == list(range(496))
     assert list(sampler) == first  # the same epoch, the same order: a resumed run sees what it would have seen

@@ -1,0 +1,117 @@
+"""A training run's folder and launch, for train.py: resuming an interrupted run, saving the final adapter so that
+no interruption leaves half of one, checkpoints readable by all, DeepSpeed configs and launcher mistakes."""
+import importlib.util
+import json
+import os
+import shutil
+
+import torch
+from transformers import TrainerCallback
+
+from captioning import ADAPTER_CONFIG, RUN_CONFIG, PipelineError, checkpoint_folders, readable_by_all, save_processor
+
+TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint: its presence marks a complete one
+
+
+def newest_complete_checkpoint(output_dir):
+    """The checkpoint-N with the highest step that Trainer finished writing, or None."""
+    complete = {step: folder for step, folder in checkpoint_folders(output_dir).items()
+                if os.path.isfile(os.path.join(folder, TRAINER_STATE))}
+    return complete[max(complete)] if complete else None
+
+
+# settings that may change when a run is resumed: they do not shape the training itself
+RESUMABLE_CHANGES = {"resume", "debug", "swanlab_mode", "swanlab_project", "swanlab_run_name", "max_new_tokens",
+                     "logging_steps", "deepspeed", "gradient_checkpointing", "dataloader_num_workers",
+                     "micro_batch_size", "cache_image_features"}
+
+
+def resume_point(cfg, is_main_process):
+    """(checkpoint to continue from, the run_config.json it was started with), or (None, {}) to start afresh; a
+    finished run is never silently replaced."""
+    finished = os.path.isfile(os.path.join(cfg.output_dir, ADAPTER_CONFIG))
+    checkpoint = newest_complete_checkpoint(cfg.output_dir)
+    if cfg.resume == "never":
+        if (finished or checkpoint) and is_main_process:
+            print(f"resume=never: replacing the earlier run in {cfg.output_dir}")
+            for folder in checkpoint_folders(cfg.output_dir).values():
+                shutil.rmtree(folder)
+            if finished:
+                os.remove(os.path.join(cfg.output_dir, ADAPTER_CONFIG))
+        return None, {}
+    if finished:
+        raise PipelineError(
+            f"{cfg.output_dir} already holds a finished training run. To keep it, choose another --output_dir; "
+            "to train again and replace it, add --resume=never"
+        )
+    earlier = {}
+    if checkpoint:
+        if os.path.isfile(os.path.join(cfg.output_dir, RUN_CONFIG)):
+            with open(os.path.join(cfg.output_dir, RUN_CONFIG), encoding="utf-8") as file:
+                earlier = json.load(file)
+        changed = sorted(name for name, value in vars(cfg).items()
+                         if name not in RESUMABLE_CHANGES and name in earlier and earlier[name] != value
+                         and not (name == "model" and earlier[name] == os.path.abspath(value)))
+        if changed:
+            raise PipelineError(
+                f"{cfg.output_dir} holds an interrupted run with other settings ({', '.join(changed)} differ), "
+                "so it cannot be continued: use the same settings, another --output_dir, or --resume=never"
+            )
+        if is_main_process:
+            print(f"resuming the interrupted run from {checkpoint}")
+    return checkpoint, earlier
+
+
+def save_final_adapter(trainer, processor, output_dir, image_size, base_model):
+    """Save the adapter and processor files so that an interruption never leaves a half-written adapter behind:
+    everything is written to a staging folder, then moved in with adapter_config.json last."""
+    staging = os.path.join(output_dir, "final-adapter.part")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(staging)  # on every process: DeepSpeed ZeRO-3 gathers the weights from all of them
+    if trainer.is_world_process_zero():
+        save_processor(processor, staging, image_size, base_model)
+        readable_by_all(staging)
+        for name in sorted(os.listdir(staging), key=lambda name: name == ADAPTER_CONFIG):
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        os.rmdir(staging)
+
+
+def prepare_launch():
+    """Whether a launcher (torchrun, accelerate) started one process per GPU. A process started alone trains on one
+    GPU: with several visible, Trainer would wrap the model in DataParallel, which splits the concatenated
+    pixel_values of a batch across GPUs out of step with their images."""
+    distributed = "WORLD_SIZE" in os.environ
+    # `accelerate launch --cpu --num_processes=N` without an MPI hostfile starts one process and says nothing
+    if "MASTER_ADDR" in os.environ and not distributed and "OMPI_COMM_WORLD_SIZE" not in os.environ \
+            and "PMI_SIZE" not in os.environ:
+        print("warning: the launcher set MASTER_ADDR for several processes, but this process runs alone (no "
+              "WORLD_SIZE). `accelerate launch --cpu` starts one process unless given an MPI hostfile: use "
+              "`torchrun --nproc_per_node=N train.py`, or `accelerate launch --multi_gpu --num_processes=N train.py`")
+    if not distributed:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
+        if torch.cuda.device_count() > 1:
+            raise PipelineError(
+                f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} shows several GPUs to one process: "
+                "set it to one GPU, e.g. CUDA_VISIBLE_DEVICES=0, or launch one process per GPU with torchrun"
+            )
+    return distributed
+
+
+class ReadableCheckpoints(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):  # safetensors writes the adapter readable by us alone
+        if state.is_world_process_zero:
+            readable_by_all(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+
+def resolve_deepspeed(choice):
+    """The DeepSpeed config file for the deepspeed setting, or None."""
+    if not choice:
+        return None
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspeed", f"{choice}.json")
+    path = shipped if choice in ("zero2", "zero3") else choice
+    if not os.path.isfile(path):
+        raise PipelineError(f"--deepspeed={choice}: use zero2, zero3 or the path of a DeepSpeed JSON config")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise PipelineError(f"--deepspeed={choice} needs DeepSpeed, which is not installed: pip install deepspeed")
+    return path
