@@ -88,6 +88,7 @@ def parse_settings(script_globals, argv, more_settings=None):
     block = {name: value for name, value in script_globals.items()
              if name.islower() and not name.startswith("_") and type(value) in (bool, int, float, str)}
     parser = settings_parser(script_globals, block, more_settings)
+    argv = with_negative_numbers_attached(argv)
     config_path = parser.parse_known_args(argv)[0].config
     file_settings, file_rest = argparse.Namespace(), []
     if config_path:
@@ -102,6 +103,19 @@ def parse_settings(script_globals, argv, more_settings=None):
         refuse_unknown(rest, block)
     extra = more_settings(file_rest, rest, block) if more_settings else {}
     return SimpleNamespace(**vars(settings), **extra)
+
+
+def with_negative_numbers_attached(argv):
+    """--name -1e-4 as --name=-1e-4: argparse takes a value that starts with '-' for a value only in plain forms."""
+    joined = []
+    for argument in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and argument.startswith("-"):
+            with suppress(ValueError):
+                float(argument)
+                joined[-1] = f"{joined[-1]}={argument}"
+                continue
+        joined.append(argument)
+    return joined
 
 
 @contextmanager

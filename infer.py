@@ -64,7 +64,8 @@ def main(argv=()):
     if not image_paths:
         raise PipelineError("no image to caption: set --images to image paths or globs")
     if not any(os.path.isfile(path) for path in image_paths):
-        raise PipelineError(f"none of the {len(image_paths)} images exists: {', '.join(image_paths[:3])}")
+        raise PipelineError(f"none of the {len(image_paths)} images could be read: {', '.join(image_paths[:3])} "
+                            "not found")
 
     base = cfg.model or run_config["model"]
     model, processor = load_model_and_processor(base, on_device=True)

@@ -203,7 +203,9 @@ def training_arguments(from_file, from_argv, block):
         return {}
     from transformers import TrainingArguments
 
-    return parse_dataclass_settings(TrainingArguments, from_file, from_argv, block)
+    given = parse_dataclass_settings(TrainingArguments, from_file, from_argv, block)
+    given.pop("local_rank", None)  # the deepspeed launcher passes it; LOCAL_RANK in the environment says the same
+    return given
 
 
 def check_settings(cfg):

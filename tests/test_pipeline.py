@@ -85,7 +85,7 @@ def test_infer_returns_exactly_the_trained_captions(trained_run):
     assert f"{images.split(',')[0]}: {COLOR_CAPTIONS['red']}" in result.stdout
 
 
-def test_infer_defaults_to_the_held_out_images_and_survives_bad_ones(trained_run):
+def test_infer_defaults_to_the_held_out_images_and_survives_bad_ones(trained_run, tiny_model):
     work, _ = trained_run
     check(run("infer.py", "--output_path=held_out.jsonl", cwd=work))
     records = [json.loads(line) for line in (work / "held_out.jsonl").read_text().splitlines()]
@@ -97,7 +97,8 @@ def test_infer_defaults_to_the_held_out_images_and_survives_bad_ones(trained_run
     assert "skipped: image not found: missing.jpg" in result.stdout
     assert "skipped: cannot read image broken.jpg" in result.stdout
     records = [json.loads(line) for line in (work / "mixed.jsonl").read_text().splitlines()]
-    assert records == [{"image_path": "coco_2014_caption/red.jpg", "caption": COLOR_CAPTIONS["red"]}]
+    assert records == [{"image_path": "coco_2014_caption/red.jpg", "caption": COLOR_CAPTIONS["red"],
+                        "model": str(tiny_model), "adapter": str(work / "output" / "Qwen2-VL-2B" / "checkpoint-150")}]
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +143,11 @@ def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(trained_run, ti
     images = ",".join(str(work / "coco_2014_caption" / f"{color}.jpg") for color in COLOR_CAPTIONS)
     check(run("infer.py", f"--model={merged_dir}", f"--images={images}", "--output_path=merged.jsonl", cwd=work))
     check(run("infer.py", f"--images={images}", "--output_path=adapter.jsonl", cwd=work))
-    merged_captions = (work / "merged.jsonl").read_text()
-    assert merged_captions == (work / "adapter.jsonl").read_text()
-    assert COLOR_CAPTIONS["red"] in merged_captions
+    def captions(name):
+        return [(record["image_path"], record["caption"]) for record in map(json.loads, (work / name).open())]
+
+    assert captions("merged.jsonl") == captions("adapter.jsonl")
+    assert (images.split(",")[0], COLOR_CAPTIONS["red"]) in captions("merged.jsonl")
 
 
 def test_merged_and_adapter_folders_carry_the_training_image_size_and_the_files_older_readers_need(

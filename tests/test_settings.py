@@ -21,6 +21,9 @@ def test_overrides_are_typed_like_their_defaults_in_either_form():
     assert vars(cfg) == {"name": "__import__('os')", "steps": 1000, "rate": 5e-3, "flag": True}
     assert parse_settings(DEFAULTS, ["--flag", "false", "--steps=1_000", "--rate", "2"]).rate == 2.0
     assert parse_settings(DEFAULTS, ["--flag=no"]).flag is False
+    assert vars(parse_settings(DEFAULTS, ["--steps", "-1", "--rate", "-1e-4"])) == {**vars(cfg), "steps": -1,
+                                                                                  "rate": -1e-4, "name": "x",
+                                                                                  "flag": False}
 
 
 @pytest.mark.parametrize("argv, message", [
