@@ -41,6 +41,15 @@ def keep_caption_logits_only(batch):
     return batch
 
 
+def pass_cached_image_features(batch):
+    """A batch's cached vision features (image_features) in the model's own argument for precomputed ones."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    if "image_features" in batch:
+        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(batch.pop("image_features"),))}
+    return batch
+
+
 def step_plan(cfg, fits):
     """(micro-batch size, gradient checkpointing) for optimizer steps of per_device_train_batch_size x
     gradient_accumulation_steps samples. Where a setting is auto, the first candidate for which fits(size,

@@ -21,7 +21,7 @@ from captioning import (END_OF_TURN, IGNORE_INDEX, RUN_CONFIG, PipelineError, bu
                         pin_image_size, read_conversations, require_positive, resolve_model, run_script, start_swanlab,
                         swanlab_run_mode, write_json)
 from speed import (CaptionTrainer, LengthGroupedSampler, SamplerEpochs, check_speed_settings, keep_caption_logits_only,
-                   plan_speed)
+                   pass_cached_image_features, plan_speed)
 from training_run import ReadableCheckpoints, prepare_launch, resolve_deepspeed, resume_point, save_final_adapter
 
 # ----------------------------------------------------------------------------- settings
@@ -58,6 +58,9 @@ debug = False  # show the full traceback of a failure
 
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_features")  # per image: joined across a batch, never padded
+PASSED_TO_TRAINING_ARGUMENTS = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps",
+                                "num_train_epochs", "max_steps", "learning_rate", "logging_steps", "save_steps",
+                                "dataloader_num_workers", "seed")  # as they are
 
 
 # ----------------------------------------------------------------------------- data
@@ -157,7 +160,7 @@ class CaptionDataset(Dataset):
 class CaptionCollator:
     """Pads token sequences on the right and joins the images: pixel_values (or cached image_features) are
     concatenated rows and image_grid_thw is stacked, so images of different sizes each keep their own row count.
-    Asks the model for logits only where the loss needs them (keep_caption_logits_only)."""
+    Hands cached image features to the model and asks for logits only where the loss needs them (speed.py)."""
 
     def __init__(self, pad_token_id):
         self.pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
@@ -174,17 +177,7 @@ class CaptionCollator:
                 for row, value in enumerate(values):
                     padded[row, : len(value)] = value
                 batch[key] = padded
-        if "image_features" in batch:  # the model's own way to take precomputed vision features
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-            batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(batch.pop("image_features"),))}
-        return keep_caption_logits_only(batch)
-
-
-def sibling_path(json_file, suffix):
-    """data_vl.json -> data_vl_train.json, in the same folder."""
-    stem, extension = os.path.splitext(json_file)
-    return f"{stem}_{suffix}{extension or '.json'}"
+        return keep_caption_logits_only(pass_cached_image_features(batch))
 
 
 def report_skipped(skipped, what):
@@ -226,7 +219,8 @@ def split_data(cfg, is_main_process):
     of them: the prompt they share and the two files written."""
     samples = read_conversations(cfg.json_path)
     train_samples, test_samples = split_by_image(samples, cfg.test_size)
-    train_json, test_json = sibling_path(cfg.json_path, "train"), sibling_path(cfg.json_path, "test")
+    stem, extension = os.path.splitext(cfg.json_path)
+    train_json, test_json = (f"{stem}_{part}{extension or '.json'}" for part in ("train", "test"))  # data_vl_train.json
     if is_main_process:
         write_json(train_json, [sample["entry"] for sample in train_samples])
         write_json(test_json, [sample["entry"] for sample in test_samples])
@@ -257,21 +251,12 @@ def trainer_arguments(cfg, deepspeed_config):
 
     given_beside_the_block = {name: value for name, value in vars(cfg).items() if name not in globals()}
     return TrainingArguments(**{
-        "output_dir": cfg.output_dir,
-        "per_device_train_batch_size": cfg.per_device_train_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "num_train_epochs": cfg.num_train_epochs,
-        "max_steps": cfg.max_steps,
-        "learning_rate": cfg.learning_rate,
-        "logging_steps": cfg.logging_steps,
+        **{name: getattr(cfg, name) for name in PASSED_TO_TRAINING_ARGUMENTS},
         "logging_first_step": True,
-        "save_steps": cfg.save_steps,
         "activation_checkpointing_kwargs": {"use_reentrant": False},
-        "dataloader_num_workers": cfg.dataloader_num_workers,
         "dataloader_persistent_workers": cfg.dataloader_num_workers > 0,
         "bf16": torch.cuda.is_available(),
         "use_cpu": not torch.cuda.is_available(),
-        "seed": cfg.seed,
         "report_to": "none",  # SwanLab is attached as a callback
         "deepspeed": deepspeed_config,
         "ddp_find_unused_parameters": False,  # LoRA uses every adapter weight in each step

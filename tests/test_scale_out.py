@@ -157,8 +157,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     assert json.loads((output_dir / "run_config.json").read_text())["swanlab_run_id"] == first_run_id
     assert len([name for name in os.listdir(tmp_path / "swanlab-logs") if name.endswith(first_run_id)]) == 2
     # and, as the Hugging Face example scripts do, the run's state and results at the top of output_dir
-    assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 120
-    assert json.loads((output_dir / "train_results.json").read_text())["epoch"] == pytest.approx(2)
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    results = json.loads((output_dir / "train_results.json").read_text())
+    assert state["global_step"] == 120 and results["epoch"] == state["epoch"] and results["train_loss"] > 0
 
     captioned = run("infer.py", f"--output_dir={output_dir}", f"--output_path={tmp_path}/p.jsonl", cwd=tmp_path)
     assert captioned.returncode == 0, captioned.stderr[-5000:]
