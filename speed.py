@@ -20,7 +20,17 @@ from captioning import IGNORE_INDEX, PipelineError, load_image
 SPEED_CHOICES = ("auto", "true", "false")
 
 
-def check_speed_settings(cfg):
+ZERO3_SPLITS_THE_VISION_TOWER = "DeepSpeed ZeRO-3 splits the vision tower across GPUs"
+
+
+def is_zero3(deepspeed_config):
+    if not deepspeed_config:
+        return False
+    with open(deepspeed_config, encoding="utf-8") as file:
+        return json.load(file).get("zero_optimization", {}).get("stage") == 3
+
+
+def check_speed_settings(cfg, deepspeed_config):
     """Refuse a speed setting that cannot be used, before anything loads."""
     for name in ("gradient_checkpointing", "cache_image_features"):
         if getattr(cfg, name) not in SPEED_CHOICES:
@@ -30,6 +40,9 @@ def check_speed_settings(cfg):
     if cfg.micro_batch_size != "auto" and (not cfg.micro_batch_size.isdigit() or int(cfg.micro_batch_size) not in sizes):
         raise PipelineError(f"--micro_batch_size={cfg.micro_batch_size}: use auto or a number that divides the "
                             f"{step_samples} samples of a step ({', '.join(map(str, sizes))})")
+    if cfg.cache_image_features == "true" and is_zero3(deepspeed_config):
+        raise PipelineError(f"--cache_image_features=true cannot be used: {ZERO3_SPLITS_THE_VISION_TOWER}. Use auto "
+                            "or false")
 
 
 def keep_caption_logits_only(batch):
@@ -128,13 +141,9 @@ def use_feature_cache(cfg, dataset, model, deepspeed_config, num_processes):
     and faster whenever training shows an image more than once."""
     if cfg.cache_image_features == "false":
         return False
-    zero3 = False
-    if deepspeed_config:
-        with open(deepspeed_config, encoding="utf-8") as file:
-            zero3 = json.load(file).get("zero_optimization", {}).get("stage") == 3
     vision_tower = model.get_base_model().model.visual
     obstacle = ("the adapter trains part of the vision tower" if any(p.requires_grad for p in vision_tower.parameters())
-                else "DeepSpeed ZeRO-3 splits the vision tower across GPUs" if zero3 else None)
+                else ZERO3_SPLITS_THE_VISION_TOWER if is_zero3(deepspeed_config) else None)
     if obstacle:
         if cfg.cache_image_features == "true":
             raise PipelineError(f"--cache_image_features=true cannot be used: {obstacle}. Use auto or false")

@@ -208,8 +208,9 @@ def check_settings(cfg):
     require_positive(cfg, "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "max_new_tokens")
     if cfg.resume not in ("auto", "never"):
         raise PipelineError(f"--resume={cfg.resume}: use auto or never")
-    check_speed_settings(cfg)
-    return resolve_deepspeed(cfg.deepspeed)
+    deepspeed_config = resolve_deepspeed(cfg.deepspeed)
+    check_speed_settings(cfg, deepspeed_config)
+    return deepspeed_config
 
 
 # ----------------------------------------------------------------------------- the run, phase by phase

@@ -136,6 +136,8 @@ BAD_TRAIN_SETTINGS = [
     (["--resume=sometimes"], r"--resume=sometimes: use auto or never"),
     (["--swanlab_mode=web"], r"--swanlab_mode=web: use auto, cloud, local, offline or disabled"),
     (["--deepspeed=zero4"], r"--deepspeed=zero4: use zero2, zero3 or the path of a DeepSpeed JSON config"),
+    (["--deepspeed=zero3", "--cache_image_features=true"], r"--cache_image_features=true cannot be used: DeepSpeed "
+                                                          r"ZeRO-3 splits the vision tower across GPUs"),
     (["--lr_scheduler_type=wavy"], r"invalid choice: 'wavy'"),
     (["--learning_rat=1"], r"unknown setting 'learning_rat' \(did you mean --learning_rate\?\)"),
 ]

@@ -200,7 +200,7 @@ def test_step_plan_prefers_large_micro_batches_then_checkpointing():
                           gradient_checkpointing="auto", cache_image_features="auto")
     with pytest.raises(PipelineError, match=r"--micro_batch_size=5: use auto or a number that divides the 16 samples "
                                             r"of a step \(16, 8, 4, 2, 1\)"):
-        speed.check_speed_settings(cfg)
+        speed.check_speed_settings(cfg, None)
 
 
 def test_the_memory_probe_tries_the_longest_samples_and_leaves_the_model_as_it_was(dataset, tiny_model, tiny_processor):
