@@ -221,7 +221,7 @@ def parse_dataclass_settings(fields_of, from_file, from_argv, block):
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(fields_of, allow_abbrev=False)
-    parser.error = SettingsParser.error.__get__(parser)
+    parser.error = SettingsParser.error.__get__(parser)  # a bad value is a PipelineError here too, not an exit
     defaults = vars(parser.parse_args([]))
     file_values, file_rest = parser.parse_known_args(from_file)
     parser.set_defaults(**vars(file_values))

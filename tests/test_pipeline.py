@@ -10,6 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
+import train
+from captioning import parse_settings
 from conftest import COLOR_CAPTIONS, make_imagefolder, run, transformers_release
 
 TRAINED = ["red", "green", "blue", "yellow"]  # the last two colours, white and black, are held out (test_size=2)
@@ -29,9 +31,21 @@ def trained_run(tiny_model, tmp_path_factory):
     training = check(run(
         "train.py", f"--model={tiny_model}", "--test_size=2", "--image_size=56", "--max_steps=150",
         "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
-        "--logging_steps=10", "--save_steps=100", "--swanlab_mode=local", cwd=work,
+        "--logging_steps=10", "--save_steps=100", "--swanlab_mode", "local", "--save_total_limit", "5", cwd=work,
     ))
     return work, training
+
+
+def test_run_config_records_every_setting_and_replays_them(trained_run):
+    work, _ = trained_run
+    run_config = json.loads((work / "output" / "Qwen2-VL-2B" / "run_config.json").read_text())
+    assert run_config["save_total_limit"] == 5 and run_config["swanlab_mode"] == "local"  # a TrainingArguments field
+    replayed = parse_settings(vars(train), [f"--config={work}/output/Qwen2-VL-2B/run_config.json"],
+                              train.training_arguments)
+    assert vars(replayed) == {name: run_config[name] for name in vars(replayed)}
+    assert set(run_config) - set(vars(replayed)) == {"prompt", "train_json", "test_json", "swanlab_mode_used",
+                                                     "swanlab_run_id", "world_size", "micro_batch_size_used",
+                                                     "gradient_checkpointing_used", "image_features_cached"}
 
 
 def test_each_step_writes_what_the_next_one_reads(trained_run):
