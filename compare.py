@@ -224,6 +224,24 @@ ul {{ margin: 0; padding-left: 1.2em; }}
 
 # ----------------------------------------------------------------------------- main
 
+def caption_with_both_models(cfg, run_config, checkpoint_dir, paths):
+    """({"base": {path: caption}, "fine_tuned": ...}, seconds each took): the base model is the adapter switched off,
+    so nothing is loaded twice."""
+    from peft import PeftModel
+
+    base_model, processor = load_model_and_processor(cfg.model or run_config["model"], on_device=True)
+    lora_model = PeftModel.from_pretrained(base_model, checkpoint_dir).eval()
+    captions, seconds = {}, {}
+    for key, label in MODELS.items():
+        start = time.perf_counter()
+        with lora_model.disable_adapter() if key == "base" else contextlib.nullcontext():
+            captions[key] = dict(caption_files(lora_model, processor, paths, run_config["image_size"],
+                                               run_config["prompt"], cfg.max_new_tokens, cfg.batch_size,
+                                               description=f"captioning with the {label}"))
+        seconds[key] = time.perf_counter() - start
+    return captions, seconds
+
+
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
     require_positive(cfg, "batch_size", "max_new_tokens")
@@ -241,18 +259,7 @@ def main(argv=()):
         print("Java was not found: scoring BLEU, ROUGE-L and CIDEr-D with a Python tokenizer that matches the PTB "
               "tokenizer on caption text; METEOR and SPICE are skipped (install Java 8+ to get them)")
 
-    from peft import PeftModel
-
-    base_model, processor = load_model_and_processor(cfg.model or run_config["model"], on_device=True)
-    lora_model = PeftModel.from_pretrained(base_model, checkpoint_dir).eval()
-    captions, seconds = {}, {}
-    for key, label in MODELS.items():
-        start = time.perf_counter()
-        with lora_model.disable_adapter() if key == "base" else contextlib.nullcontext():
-            captions[key] = dict(caption_files(lora_model, processor, references, run_config["image_size"],
-                                               run_config["prompt"], cfg.max_new_tokens, cfg.batch_size,
-                                               description=f"captioning with the {label}"))
-        seconds[key] = time.perf_counter() - start
+    captions, seconds = caption_with_both_models(cfg, run_config, checkpoint_dir, list(references))
     paths = list(captions["base"])
     if not paths:
         raise PipelineError(f"none of the images in {eval_json} could be read")
