@@ -16,6 +16,7 @@ import textwrap
 import tokenize
 from contextlib import contextmanager, suppress
 from types import SimpleNamespace
+from typing import NamedTuple
 
 RUN_CONFIG = "run_config.json"  # the settings a training run used, saved next to its adapter
 END_OF_TURN = "<|im_end|>"  # Qwen2-VL's chat template closes every turn with it; the model must learn to emit it
@@ -61,7 +62,7 @@ def debug_requested(main, argv):
 # ----------------------------------------------------------------------------- settings
 
 # what train.py records in run_config.json beside its settings: passed over when that file is replayed with --config
-RECORDED_BY_TRAINING = {"prompt", "train_json", "test_json", "swanlab_mode_used", "swanlab_run_id", "world_size",
+RECORDED_BY_TRAINING = {"family", "prompt", "train_json", "test_json", "swanlab_mode_used", "swanlab_run_id", "world_size",
                         "micro_batch_size_used", "gradient_checkpointing_used", "image_features_cached", "merged_from"}
 
 
@@ -310,8 +311,11 @@ def add_config_fields_for_transformers_4(folder):
     text_config = config.get("text_config", config)
     rope = text_config.get("rope_parameters", {})
     if "mrope_section" in rope:
+        # Qwen2-VL and Qwen2.5-VL name it type mrope there; Qwen3-VL's interleaved one keeps its own fields
+        scaling = ({key: value for key, value in rope.items() if key != "rope_theta"} if rope.get("mrope_interleaved")
+                   else {"type": "mrope", "mrope_section": rope["mrope_section"]})
         for section in (config, text_config):
-            section["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+            section["rope_scaling"] = scaling
             section["rope_theta"] = rope["rope_theta"]
     if "tie_word_embeddings" in config:
         text_config.setdefault("tie_word_embeddings", config["tie_word_embeddings"])
@@ -526,6 +530,48 @@ def resolve_model(model):
         ) from error
 
 
+class Family(NamedTuple):
+    name: str
+    side_multiple: int  # image sides in multiples of the patch size times the 2x2 merge
+    image_size: int  # the default side
+
+
+# the Qwen-VL families this project fine-tunes, by the model_type in their config.json
+FAMILIES = {
+    "qwen2_vl": Family("Qwen2-VL", 28, 280),
+    "qwen2_5_vl": Family("Qwen2.5-VL", 28, 280),
+    "qwen3_vl": Family("Qwen3-VL", 32, 288),
+}
+
+
+def model_family(model):
+    """The Family of a model folder, from its config.json, or of a hub id not yet downloaded, from its name."""
+    config_path = os.path.join(model, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as file:
+            model_type = json.load(file).get("model_type")
+        if model_type not in FAMILIES:
+            raise PipelineError(f"{model} holds a {model_type!r} model; this project fine-tunes "
+                                f"{', '.join(family.name for family in FAMILIES.values())} (model_type "
+                                f"{', '.join(FAMILIES)})")
+        return FAMILIES[model_type]
+    named = [family for family in FAMILIES.values() if f"{family.name.lower()}-" in os.path.basename(model).lower()]
+    if not named:
+        raise PipelineError(f"cannot tell which Qwen-VL family {model!r} is: no config.json there, and its name "
+                            "does not say. Download the model and pass its folder as --model")
+    return named[0]
+
+
+def checked_image_size(image_size, family):
+    """image_size, or the family's default for 0, refused unless the family's patches tile it."""
+    image_size = image_size or family.image_size
+    if image_size < 0 or image_size % family.side_multiple:
+        raise PipelineError(f"--image_size={image_size}: {family.name} needs a positive multiple of "
+                            f"{family.side_multiple} ({family.side_multiple // 2}-pixel patches merged 2x2), e.g. "
+                            f"{family.image_size}")
+    return image_size
+
+
 def attention_implementation(device):
     """FlashAttention 2 on a GPU where the flash-attn package is installed, else PyTorch's fused SDPA kernels."""
     import importlib.util
@@ -534,14 +580,16 @@ def attention_implementation(device):
 
 
 def load_model_and_processor(model, on_device=False, dtype=None):
-    """Qwen2-VL and its processor from a local folder or hub id, safetensors only: in dtype if given, else bf16 on
-    CUDA and fp32 on CPU; moved to the GPU (if any) when on_device, else left on the CPU for Trainer to place."""
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    """A Qwen-VL model (the class its config.json names) and its processor from a local folder or hub id,
+    safetensors only: in dtype if given, else bf16 on CUDA and fp32 on CPU; moved to the GPU (if any) when
+    on_device, else left on the CPU for Trainer to place."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = resolve_model(model)
+    model_family(path)
     device, device_dtype = device_and_dtype()
     processor = AutoProcessor.from_pretrained(path)
-    base_model = Qwen2VLForConditionalGeneration.from_pretrained(
+    base_model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype or device_dtype, use_safetensors=True, attn_implementation=attention_implementation(device))
     return base_model.to(device) if on_device else base_model, processor
 

@@ -55,11 +55,17 @@ def keep_caption_logits_only(batch):
 
 
 def pass_cached_image_features(batch):
-    """A batch's cached vision features (image_features) in the model's own argument for precomputed ones."""
+    """A batch's cached vision features in the model's own argument for precomputed ones (mm_encoder_outputs), with
+    Qwen3-VL's deepstack features, which it adds into its first language layers."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
     if "image_features" in batch:
-        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(batch.pop("image_features"),))}
+        pooled = (batch.pop("image_features"),)
+        deepstack = batch.pop("image_deepstack_features", None)  # image tokens x vision layers x width
+        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooled) if deepstack is None
+                                       else BaseModelOutputWithDeepstackFeatures(
+                                           pooler_output=pooled, deepstack_features=[(layer,) for layer in deepstack.unbind(1)])}
     return batch
 
 
@@ -153,7 +159,10 @@ def use_feature_cache(cfg, dataset, model, deepspeed_config, num_processes):
     images = len(dataset.image_paths())
     step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * num_processes
     shown = cfg.max_steps * step_samples if cfg.max_steps > 0 else len(dataset) * cfg.num_train_epochs
-    size = images * (cfg.image_size // 28) ** 2 * model.config.text_config.hidden_size * model.dtype.itemsize
+    vision = model.config.vision_config
+    tokens = (cfg.image_size // (vision.patch_size * vision.spatial_merge_size)) ** 2
+    layers = 1 + len(getattr(vision, "deepstack_visual_indexes", []))
+    size = images * tokens * layers * model.config.text_config.hidden_size * model.dtype.itemsize
     if size > psutil.virtual_memory().available / 2:
         print(f"not caching image features: they would take {size / 2**30:.1f} GiB of memory")
         return False
@@ -199,7 +208,12 @@ def encode_images(model, processor, paths, image_size, batch_size, process_index
                                                return_tensors="pt")
             encoded = base_model.get_image_features(pixels["pixel_values"].to(device),
                                                     pixels["image_grid_thw"].to(device))
-            features.update(zip(chunk, (feature.cpu() for feature in encoded.pooler_output)))
+            deepstack = getattr(encoded, "deepstack_features", None)  # Qwen3-VL: [layer][image]
+            for number, path in enumerate(chunk):
+                features[path] = {"image_features": encoded.pooler_output[number].cpu()}
+                if deepstack:
+                    features[path]["image_deepstack_features"] = torch.stack(
+                        [layer[number] for layer in deepstack], dim=1).cpu()
             progress.update(len(chunk))
     if num_processes > 1:
         shares = [None] * num_processes

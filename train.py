@@ -1,4 +1,5 @@
-"""Step 3: LoRA fine-tune Qwen2-VL-2B-Instruct on the conversation JSON, with SwanLab watching.
+"""Step 3: LoRA fine-tune Qwen2-VL-2B-Instruct (or a Qwen2.5-VL or Qwen3-VL model) on the conversation JSON, with
+SwanLab watching.
 
     python train.py                                    # recipe defaults: 2 epochs, batch 4 x 4, lr 1e-4
     python train.py --model path/to/Qwen2-VL-2B-Instruct --swanlab_mode disabled --warmup_steps 0.03
@@ -17,7 +18,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from captioning import (END_OF_TURN, IGNORE_INDEX, RUN_CONFIG, PipelineError, build_messages, caption_files,
-                        load_image, load_model_and_processor, parse_dataclass_settings, parse_settings,
+                        checked_image_size, load_image, load_model_and_processor, model_family, parse_dataclass_settings, parse_settings,
                         pin_image_size, read_conversations, require_positive, resolve_model, run_script, start_swanlab,
                         swanlab_run_mode, write_json)
 from speed import (CaptionTrainer, LengthGroupedSampler, SamplerEpochs, check_speed_settings, keep_caption_logits_only,
@@ -25,7 +26,7 @@ from speed import (CaptionTrainer, LengthGroupedSampler, SamplerEpochs, check_sp
 from training_run import ReadableCheckpoints, prepare_launch, resolve_deepspeed, resume_point, save_final_adapter
 
 # ----------------------------------------------------------------------------- settings
-model = "Qwen/Qwen2-VL-2B-Instruct"  # hub id (downloaded with ModelScope into ./Qwen/...) or a local folder
+model = "Qwen/Qwen2-VL-2B-Instruct"  # a Qwen2-VL, Qwen2.5-VL or Qwen3-VL: hub id (ModelScope, into ./Qwen/...) or folder
 json_path = "data_vl.json"  # written by csv2json.py
 output_dir = "output/Qwen2-VL-2B"
 test_size = 4  # distinct images held out for testing, taken from the end of the data
@@ -38,7 +39,7 @@ learning_rate = 1e-4
 lora_r = 64
 lora_alpha = 16
 lora_dropout = 0.05
-image_size = 280  # images are resized to image_size x image_size (a multiple of 28) in training and inference
+image_size = 0  # images are resized to this square in training and inference; 0: 280 (Qwen2/2.5-VL), 288 (Qwen3-VL)
 max_length = 8192  # samples with more tokens are skipped, never cut through their image tokens
 logging_steps = 10
 save_steps = 100
@@ -56,8 +57,11 @@ seed = 42
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
-LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_features")  # per image: joined across a batch, never padded
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# LoRA on the language model's projections only: Qwen2.5-VL's vision blocks have gate/up/down_proj too
+LORA_TARGET_MODULES = rf".*\.language_model\..*\.({'|'.join(PROJECTIONS)})"
+# per image: joined across a batch, never padded
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_features", "image_deepstack_features")
 PASSED_TO_TRAINING_ARGUMENTS = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps",
                                 "num_train_epochs", "max_steps", "learning_rate", "logging_steps", "save_steps",
                                 "dataloader_num_workers", "seed")  # as they are
@@ -85,7 +89,7 @@ def answer_token_ids(processor, prompt, caption):
     prompt_text = processor.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
     full_text = processor.apply_chat_template(messages, tokenize=False)
     if not full_text.startswith(prompt_text) or END_OF_TURN not in full_text[len(prompt_text):]:
-        raise PipelineError("the processor's chat template does not render a Qwen2-VL assistant turn")
+        raise PipelineError("the processor's chat template does not render a Qwen-VL assistant turn")
     answer = full_text[len(prompt_text):]
     answer = answer[: answer.index(END_OF_TURN) + len(END_OF_TURN)]
     return processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
@@ -139,7 +143,7 @@ class CaptionDataset(Dataset):
             self.samples.append(sample)
             self.answers.append(answer)
             self.lengths.append(length)
-        self.image_features = None  # image path -> the vision tower's output, once cached
+        self.image_features = None  # image path -> the vision tower's output (encode_images), once cached
 
     def image_paths(self):
         return list(dict.fromkeys(sample["image_path"] for sample in self.samples))
@@ -153,8 +157,7 @@ class CaptionDataset(Dataset):
             image = load_image(sample["image_path"], self.image_size)
             return encode_sample(self.processor, image, sample["prompt"], self.answers[index])
         inputs = {key: value for key, value in self.prompt_tensors[sample["prompt"]].items() if key != "pixel_values"}
-        inputs["image_features"] = self.image_features[sample["image_path"]]
-        return with_answer(inputs, self.answers[index])
+        return with_answer({**inputs, **self.image_features[sample["image_path"]]}, self.answers[index])
 
 
 class CaptionCollator:
@@ -202,9 +205,9 @@ def training_arguments(from_file, from_argv, block):
 
 
 def check_settings(cfg):
-    """Refuse what train.py cannot use before the model or data load; returns the DeepSpeed config file, if any."""
-    if cfg.image_size <= 0 or cfg.image_size % 28:
-        raise PipelineError(f"--image_size={cfg.image_size}: use a positive multiple of 28 (14-pixel patches, merged 2x2)")
+    """Refuse what train.py cannot use before the model or data load; returns the DeepSpeed config file, if any.
+    Sets image_size to the model family's default when it is 0, so that run_config.json records the size used."""
+    cfg.image_size = checked_image_size(cfg.image_size, model_family(cfg.model))
     require_positive(cfg, "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "max_new_tokens")
     if cfg.resume not in ("auto", "never"):
         raise PipelineError(f"--resume={cfg.resume}: use auto or never")
@@ -336,7 +339,7 @@ def main(argv=()):
                              train_sampler=sampler, callbacks=[SwanLabCallback(), SamplerEpochs(), ReadableCheckpoints()])
 
     model_path = os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # usable from any folder
-    run_config = {**vars(cfg), "model": model_path, **data, "swanlab_mode_used": mode, "world_size": args.world_size,
+    run_config = {**vars(cfg), "model": model_path, "family": model_family(model_folder).name, **data, "swanlab_mode_used": mode, "world_size": args.world_size,
                   **plan}
     run = start_swanlab(mode, cfg.swanlab_project, swanlab_project, cfg.swanlab_run_name or
                         os.path.basename(os.path.normpath(cfg.output_dir)), run_config, earlier_run.get("swanlab_run_id"))

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 from PIL import Image, ImageColor
 
-from tiny_qwen2vl import build_tiny_qwen2vl
+from tiny_qwen2vl import BUILDERS, build_tiny_qwen2vl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +48,29 @@ def tiny_processor(tiny_model):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="session", params=list(BUILDERS))
+def family_model(request, tiny_model, tmp_path_factory):
+    """A tiny random-weight model of each Qwen-VL family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL."""
+    if request.param == "qwen2_vl":
+        return tiny_model
+    return BUILDERS[request.param](str(tmp_path_factory.mktemp(request.param)))
+
+
+@pytest.fixture(scope="session")
+def family_processor(family_model):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(family_model)
+
+
+@pytest.fixture(scope="session")
+def family_side(family_model):
+    """The smallest image side the family trains on well: 2x2 merged patches, so 4 image tokens."""
+    from captioning import model_family
+
+    return 2 * model_family(family_model).side_multiple
 
 
 def run(script, *args, cwd, timeout=600):

@@ -42,12 +42,15 @@ def dataset(tiny_processor, tmp_path_factory):
     return train.CaptionDataset(entries, tiny_processor, image_size=56, max_length=8192)
 
 
-def lora_model(tiny_model):
+def lora_model(tiny_model, checkpointing=False):
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    if checkpointing:
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return get_peft_model(model, LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=8, lora_dropout=0,
                                             init_lora_weights=False))
 
@@ -96,19 +99,10 @@ def test_logits_only_for_supervised_tokens_give_the_same_loss_and_gradients(samp
 
 
 def test_gradient_checkpointing_changes_neither_loss_nor_gradients(samples, tiny_model, tiny_processor):
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2VLForConditionalGeneration
-
     batch = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)([sample for _, sample in samples])
     results = []
     for checkpointing in (True, False):
-        torch.manual_seed(0)
-        model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
-        if checkpointing:
-            model.enable_input_require_grads()
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = get_peft_model(model, LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=8, lora_dropout=0,
-                                                 init_lora_weights=False))
+        model = lora_model(tiny_model, checkpointing)
         model.train()
         loss = model(**batch).loss
         loss.backward()
@@ -149,6 +143,33 @@ def test_cached_image_features_give_the_same_loss_and_gradients(dataset, tiny_mo
     dataset.image_features = None
     assert loss_cached == pytest.approx(loss_computed, abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_cached, grads_computed))
+
+
+def test_every_family_s_fast_path_gives_the_recipe_path_s_loss_and_gradients(family_model, family_processor,
+                                                                             family_side, tmp_path):
+    """Cached image features (with Qwen3-VL's deepstack features), logits only for the caption and gradient
+    checkpointing, together, against images encoded in the step and logits everywhere, for each family."""
+    entries = []
+    for number, caption in enumerate(CAPTIONS * 2):
+        path = tmp_path / f"{number % 4}.png"
+        Image.new("RGB", (70, 50), (60 * (number % 4), 255 - 50 * (number % 4), 90)).save(path)
+        entries.append({"image_path": str(path), "prompt": "COCO Yes:", "caption": caption})
+    family_dataset = train.CaptionDataset(entries, family_processor, family_side, max_length=8192)
+    collate = train.CaptionCollator(family_processor.tokenizer.pad_token_id)
+
+    plain_model = lora_model(family_model).train()
+    plain = collate([family_dataset[i] for i in range(len(family_dataset))])
+    plain = {key: value for key, value in plain.items() if key not in ("logits_to_keep", "shift_labels")}
+    loss_plain, grads_plain = loss_and_gradients(plain_model, plain)
+
+    fast_model = lora_model(family_model, checkpointing=True).train()
+    family_dataset.image_features = speed.encode_images(fast_model, family_processor, family_dataset.image_paths(),
+                                                        family_side, batch_size=3)
+    fast = collate([family_dataset[i] for i in range(len(family_dataset))])
+    assert "pixel_values" not in fast and fast["logits_to_keep"].sum() < fast["labels"].numel()
+    loss_fast, grads_fast = loss_and_gradients(fast_model, fast)
+    assert loss_fast == pytest.approx(loss_plain, abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_fast, grads_plain))
 
 
 def test_feature_cache_is_used_only_where_it_is_exact_and_pays(dataset, tiny_model):

@@ -39,10 +39,10 @@ def test_reads_the_prompt_and_image_from_the_recipe_json(tmp_path):
     assert (read["image_path"], read["prompt"], read["caption"]) == ("/data/x.jpg", "COCO Yes:", "A cat.")
 
 
-def test_only_the_caption_and_end_of_turn_are_supervised(tiny_processor):
-    tokenizer = tiny_processor.tokenizer
+def test_only_the_caption_and_end_of_turn_are_supervised(family_processor, family_side):
+    tokenizer = family_processor.tokenizer
     caption = "a red square on a table"
-    encoded = encode(tiny_processor, Image.new("RGB", (56, 56), "red"), caption)
+    encoded = encode(family_processor, Image.new("RGB", (family_side, family_side), "red"), caption)
 
     expected = tokenizer(caption, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     labels, input_ids = encoded["labels"].tolist(), encoded["input_ids"].tolist()
@@ -51,7 +51,7 @@ def test_only_the_caption_and_end_of_turn_are_supervised(tiny_processor):
     assert input_ids[prompt_length:] == expected
     prompt = tokenizer.decode(input_ids[:prompt_length])
     assert prompt.endswith("COCO Yes:<|im_end|>\n<|im_start|>assistant\n")
-    assert input_ids.count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 4  # 56x56: 4x4 patches merged 2x2
+    assert input_ids.count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 4  # 4x4 patches merged 2x2
     assert len(encoded["attention_mask"]) == len(input_ids) == len(encoded["mm_token_type_ids"])
 
 
@@ -63,16 +63,17 @@ def per_sample_losses(model, batch):
     return (token_losses * mask).sum(1) / mask.sum(1)
 
 
-def test_a_batch_of_two_image_sizes_gives_each_sample_its_own_loss(tiny_model, tiny_processor):
-    from transformers import Qwen2VLForConditionalGeneration
+def test_a_batch_of_two_image_sizes_gives_each_sample_its_own_loss(family_model, family_processor, family_side):
+    from transformers import AutoModelForImageTextToText
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model).eval()
-    collate = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)
-    small = encode(tiny_processor, Image.new("RGB", (56, 56), "red"), "a red square")
-    large = encode(tiny_processor, Image.new("RGB", (112, 84), "blue"), "a blue boat on the water, far away")
+    model = AutoModelForImageTextToText.from_pretrained(family_model).eval()
+    collate = train.CaptionCollator(family_processor.tokenizer.pad_token_id)
+    small = encode(family_processor, Image.new("RGB", (family_side, family_side), "red"), "a red square")
+    large = encode(family_processor, Image.new("RGB", (family_side * 2, family_side * 3 // 2), "blue"),
+                   "a blue boat on the water, far away")
     batch = collate([small, large])
     assert batch["pixel_values"].shape[0] == small["pixel_values"].shape[0] + large["pixel_values"].shape[0]
-    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 6, 8]]  # (frames, rows, columns) of 14px patches
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 6, 8]]  # (frames, rows, columns) of patches
 
     with torch.no_grad():
         together = per_sample_losses(model, batch)
@@ -98,15 +99,15 @@ def test_samples_too_long_or_without_image_are_skipped_and_reported(tmp_path, ti
     assert dataset.skipped[1] == f"image not found: {tmp_path}/gone.jpg"
 
 
-def test_lora_adapts_only_the_language_model(tiny_model):
+def test_lora_adapts_only_the_language_model(family_model):
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model)
+    model = AutoModelForImageTextToText.from_pretrained(family_model)
     lora = get_peft_model(model, LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=4))
     adapted = {name for name, _ in lora.named_modules() if name.endswith("lora_A")}
-    assert adapted and all(".language_model." in name for name in adapted)
-    assert len(adapted) == 2 * len(train.LORA_TARGET_MODULES)  # every projection of both tiny layers
+    assert adapted and all(".language_model." in name for name in adapted)  # never Qwen2.5-VL's vision MLPs
+    assert len(adapted) == model.config.text_config.num_hidden_layers * len(train.PROJECTIONS)  # every projection
 
 
 def test_swanlab_follows_its_environment_variables(monkeypatch):

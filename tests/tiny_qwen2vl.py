@@ -9,12 +9,19 @@ import os
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
 )
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 SPECIAL_TOKENS = [
@@ -36,6 +43,11 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL's template, reduced the same way: no system turn unless the messages have one
+QWEN3_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}",
+    "")
+
 CORPUS = [
     "You are a helpful assistant.", "system user assistant", "COCO Yes:",
     "a red square on a table", "a green field under the sky", "a blue boat on the water",
@@ -51,11 +63,8 @@ TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
 TINY_VISION = dict(depth=3, embed_dim=32, hidden_size=64, num_heads=2)  # llama.cpp converts depths above 2
 
 
-def build_tiny_qwen2vl(folder, seed=0, text=TINY_TEXT, vision=TINY_VISION, vocab_size=None, dtype=None):
-    """Write a random-weight Qwen2-VL (model, tokenizer, processor, chat template) to `folder`: tiny by default,
-    or of the shape that `text` and `vision` (Qwen2VLConfig fields) and vocab_size give."""
-    import torch
-
+def tiny_tokenizer(chat_template):
+    """A byte-level BPE trained on CORPUS, split as Qwen2Tokenizer splits text, with the Qwen special tokens."""
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()  # Qwen2Tokenizer's normalizer and pre-tokenizer, so that its slow files
     bpe.pre_tokenizer = pre_tokenizers.Sequence([  # ... and tokenizer.json split text alike
@@ -68,8 +77,36 @@ def build_tiny_qwen2vl(folder, seed=0, text=TINY_TEXT, vision=TINY_VISION, vocab
     )
     bpe.train_from_iterator(CORPUS * 4, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=chat_template
     )
+    return bpe, tokenizer
+
+
+def special_token_ids(tokenizer):
+    token_id = tokenizer.convert_tokens_to_ids
+    return dict(image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+                vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"))
+
+
+def text_token_ids(tokenizer):
+    token_id = tokenizer.convert_tokens_to_ids
+    return dict(bos_token_id=token_id("<|endoftext|>"), eos_token_id=token_id("<|im_end|>"),
+                pad_token_id=token_id("<|endoftext|>"))
+
+
+def save_tiny(model, processor, tokenizer, folder):
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def build_tiny_qwen2vl(folder, seed=0, text=TINY_TEXT, vision=TINY_VISION, vocab_size=None, dtype=None):
+    """Write a random-weight Qwen2-VL (model, tokenizer, processor, chat template) to `folder`: tiny by default,
+    or of the shape that `text` and `vision` (Qwen2VLConfig fields) and vocab_size give."""
+    import torch
+
+    bpe, tokenizer = tiny_tokenizer(CHAT_TEMPLATE)
     image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=1280 * 28 * 28)
     processor = Qwen2VLProcessor(
         image_processor=image_processor,
@@ -77,33 +114,74 @@ def build_tiny_qwen2vl(folder, seed=0, text=TINY_TEXT, vision=TINY_VISION, vocab
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=CHAT_TEMPLATE,
     )
-    token_id = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size or len(tokenizer),
-            tie_word_embeddings=True,
-            **text,
-            bos_token_id=token_id("<|endoftext|>"),
-            eos_token_id=token_id("<|im_end|>"),
-            pad_token_id=token_id("<|endoftext|>"),
-        ),
+        text_config=dict(vocab_size=vocab_size or len(tokenizer), tie_word_embeddings=True, **text,
+                         **text_token_ids(tokenizer)),
         vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision),
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
+        **special_token_ids(tokenizer),
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config)
     if dtype is not None:
         model = model.to(dtype)
-    model.generation_config.eos_token_id = token_id("<|im_end|>")
-    model.generation_config.pad_token_id = token_id("<|endoftext|>")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_tiny(model, processor, tokenizer, folder)
     lay_out_as_on_the_hub(folder, bpe)
     return folder
+
+
+def build_tiny_qwen25vl(folder, seed=0):
+    """A random-weight Qwen2.5-VL: window attention in the vision tower (one full-attention block of three)."""
+    import torch
+
+    _, tokenizer = tiny_tokenizer(CHAT_TEMPLATE)
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=1280 * 28 * 28),
+                                    tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                                    chat_template=CHAT_TEMPLATE)
+    text = {key: value for key, value in TINY_TEXT.items() if key != "rope_scaling"}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), tie_word_embeddings=True, max_window_layers=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
+                         **text, **text_token_ids(tokenizer)),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[2]),
+        **special_token_ids(tokenizer),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    save_tiny(Qwen2_5_VLForConditionalGeneration(config), processor, tokenizer, folder)
+    return folder
+
+
+def build_tiny_qwen3vl(folder, seed=0):
+    """A random-weight Qwen3-VL: 16-pixel patches, deepstack features from three vision layers, interleaved mrope,
+    and a chat template without a default system turn."""
+    import torch
+
+    _, tokenizer = tiny_tokenizer(QWEN3_CHAT_TEMPLATE)
+    image_processor = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=1280 * 32 * 32, patch_size=16,
+                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=Qwen3VLVideoProcessor(), chat_template=QWEN3_CHAT_TEMPLATE)
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True,
+                                          "rope_theta": 5e6},
+                         tie_word_embeddings=True, **text_token_ids(tokenizer)),
+        vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=[0, 1, 2]),
+        **special_token_ids(tokenizer),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    save_tiny(Qwen3VLForConditionalGeneration(config), processor, tokenizer, folder)
+    return folder
+
+
+BUILDERS = {"qwen2_vl": build_tiny_qwen2vl, "qwen2_5_vl": build_tiny_qwen25vl, "qwen3_vl": build_tiny_qwen3vl}
 
 
 def lay_out_as_on_the_hub(folder, bpe):
