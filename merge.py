@@ -4,7 +4,7 @@
     python merge.py --checkpoint=output/Qwen2-VL-2B/checkpoint-100 --merged_dir=my-captioner
 
 The folder holds the merged weights (safetensors), the processor, tokenizer, chat template and generation config,
-so `Qwen2VLForConditionalGeneration.from_pretrained` and inference engines such as vLLM load it without peft, plus
+so `AutoModelForImageTextToText.from_pretrained` and inference engines such as vLLM load it without peft, plus
 training's run_config.json, so `infer.py --model=<folder>` captions with the same prompt and image size. Its
 processor is pinned to training's image size, so other readers do not feed full-size images, and it carries the
 files and config fields that transformers 4 reads; every file is readable by all users (0644).
@@ -31,7 +31,7 @@ output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters
 checkpoint = ""  # adapter folder; empty: the newest trained adapter under output_dir
 model = ""  # base model; empty: the one training used (run_config.json)
 merged_dir = ""  # empty: output_dir + "-merged"; an existing folder is replaced
-dtype = "auto"  # auto (the base model's own, bfloat16 for Qwen2-VL-2B-Instruct) | bfloat16 | float16 | float32
+dtype = "auto"  # auto (the base model's own: bfloat16 for the Qwen-VL instruct models) | bfloat16 | float16 | float32
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
@@ -61,7 +61,7 @@ def main(argv=()):
     readable_by_all(staging)
     shutil.rmtree(merged_dir, ignore_errors=True)
     os.replace(staging, merged_dir)
-    print(f"wrote the merged model to {merged_dir}: load it with Qwen2VLForConditionalGeneration.from_pretrained, "
+    print(f"wrote the merged model to {merged_dir}: load it with AutoModelForImageTextToText.from_pretrained, "
           f"vLLM, or `python infer.py --model={merged_dir}`")
 
 

@@ -26,30 +26,49 @@ from types import SimpleNamespace
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from captioning import PipelineError, parse_settings, run_script, write_json  # noqa: E402
+from captioning import FAMILIES, PipelineError, checked_image_size, parse_settings, run_script, write_json  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 images = 496  # training images at image_size x image_size, as in the recipe's published run
-image_size = 280
+image_size = 0  # 0: the model family's default, 280 (Qwen2-VL, Qwen2.5-VL) or 288 (Qwen3-VL)
 epochs = 2  # training runs the recipe's 2 epochs over the images
 warmup_steps = 2  # optimizer steps left out of the timing
 caption_images = 16
 max_new_tokens = 24
-model_size = "auto"  # auto: 2b on CUDA, small on CPU | 2b (Qwen2-VL-2B-Instruct's shape) | small
+model_size = "auto"  # auto: 2b on CUDA, small on CPU | 2b (Qwen2-VL-2B-Instruct's shape) | qwen2.5-vl-3b | qwen3-vl-2b | small
 output = "bench/results.json"
 part = ""  # internal: the one measurement a child process runs
 work_dir = ""  # internal: the shared data folder
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
-# Qwen2-VL-2B-Instruct's published architecture (config.json), and a scaled-down one for CPUs
+# The published architectures (config.json) of Qwen2-VL-2B-, Qwen2.5-VL-3B- and Qwen3-VL-2B-Instruct, and a
+# scaled-down Qwen2-VL for CPUs
 SIZES = {
-    "2b": dict(text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    "2b": dict(family="qwen2_vl",
+               text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                          num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
                          rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
                vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
                vocab_size=151936),
-    "small": dict(text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+    "qwen2.5-vl-3b": dict(
+        family="qwen2_5_vl",
+        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=128000, max_window_layers=70,
+                  rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                    window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
+        vocab_size=151936),
+    "qwen3-vl-2b": dict(
+        family="qwen3_vl",
+        text=dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=262144,
+                  rope_parameters={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True,
+                                   "rope_theta": 5e6}),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                    num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+        vocab_size=151936),
+    "small": dict(family="qwen2_vl", text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                             num_key_value_heads=2, max_position_embeddings=32768,
                             rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
                   vision=dict(depth=4, embed_dim=256, hidden_size=256, num_heads=4, mlp_ratio=4),
@@ -67,7 +86,7 @@ def prepare(cfg, folder):
     import numpy
     from PIL import Image
 
-    from tiny_qwen2vl import build_tiny_qwen2vl
+    from tiny_qwen2vl import BUILDERS
 
     rng = numpy.random.default_rng(0)
     entries = []
@@ -82,8 +101,8 @@ def prepare(cfg, folder):
     import torch
 
     size = SIZES[cfg.model_size]
-    build_tiny_qwen2vl(os.path.join(folder, "model"), text=size["text"], vision=size["vision"],
-                       vocab_size=size["vocab_size"], dtype=torch.bfloat16 if cfg.model_size == "2b" else None)
+    BUILDERS[size["family"]](os.path.join(folder, "model"), text=size["text"], vision=size["vision"],
+                             vocab_size=size["vocab_size"], dtype=torch.bfloat16 if cfg.model_size != "small" else None)
 
 
 # ----------------------------------------------------------------------------- the recipe's path
@@ -382,6 +401,9 @@ def main(argv=()):
 
     if cfg.model_size == "auto":
         cfg.model_size = "2b" if torch.cuda.is_available() else "small"
+    if cfg.model_size not in SIZES:
+        raise PipelineError(f"--model_size={cfg.model_size}: use auto, {', '.join(SIZES)}")
+    cfg.image_size = checked_image_size(cfg.image_size, FAMILIES[SIZES[cfg.model_size]["family"]])
     if cfg.images // (BATCH * ACCUMULATION) * cfg.epochs <= cfg.warmup_steps:
         raise PipelineError(f"--images={cfg.images} --epochs={cfg.epochs}: that is not more steps of "
                             f"{BATCH * ACCUMULATION} samples than the {cfg.warmup_steps} warm-up steps")

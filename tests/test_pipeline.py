@@ -13,6 +13,7 @@ from PIL import Image
 import train
 from captioning import parse_settings
 from conftest import COLOR_CAPTIONS, make_imagefolder, run, transformers_release
+from tiny_qwen2vl import BUILDERS
 
 TRAINED = ["red", "green", "blue", "yellow"]  # the last two colours, white and black, are held out (test_size=2)
 
@@ -263,3 +264,28 @@ def test_compare_refuses_training_images(trained_run):
     result = run("compare.py", "--eval_json=data_vl_train.json", "--swanlab_mode=disabled", cwd=work)
     assert result.returncode == 1
     assert "evaluation images are also training images" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("family, name, side", [("qwen2_5_vl", "Qwen2.5-VL", 56), ("qwen3_vl", "Qwen3-VL", 64)])
+def test_a_newer_family_runs_the_four_steps_learns_its_captions_and_merges(family, name, side, tmp_path):
+    """The same steps as above for Qwen2.5-VL and Qwen3-VL: only --model changes."""
+    model = BUILDERS[family](str(tmp_path / family))
+    check(run("data2csv.py", f"--source={make_imagefolder(tmp_path / 'source')}", cwd=tmp_path))
+    check(run("csv2json.py", cwd=tmp_path))
+    check(run("train.py", f"--model={model}", "--test_size=2", f"--image_size={side}", "--max_steps=150",
+              "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
+              "--save_steps=1000", "--swanlab_mode=disabled", cwd=tmp_path))
+    run_config = json.loads((tmp_path / "output" / "Qwen2-VL-2B" / "run_config.json").read_text())
+    assert (run_config["family"], run_config["image_size"]) == (name, side)
+
+    images = ",".join(str(tmp_path / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED)
+    check(run("infer.py", f"--images={images}", "--output_path=adapter.jsonl", cwd=tmp_path))
+    check(run("merge.py", cwd=tmp_path))
+    check(run("infer.py", "--model=output/Qwen2-VL-2B-merged", f"--images={images}", "--output_path=merged.jsonl",
+              cwd=tmp_path))
+    for written in ("adapter.jsonl", "merged.jsonl"):
+        captions = [json.loads(line)["caption"] for line in (tmp_path / written).read_text().splitlines()]
+        assert captions == [COLOR_CAPTIONS[color] for color in TRAINED], written
+    check(run("compare.py", "--java=never", "--swanlab_mode=disabled", cwd=tmp_path))
+    metrics = json.loads((tmp_path / "output" / "Qwen2-VL-2B" / "eval" / "metrics.json").read_text())
+    assert len(metrics["images"]) == 2 and metrics["metrics"]["fine_tuned"]["BLEU-1"] is not None

@@ -128,7 +128,10 @@ def test_replaying_run_config_gives_the_same_settings(tmp_path):
 
 
 BAD_TRAIN_SETTINGS = [
-    (["--image_size=100"], r"--image_size=100: use a positive multiple of 28"),
+    (["--image_size=100"], r"--image_size=100: Qwen2-VL needs a positive multiple of 28 \(14-pixel patches"),
+    (["--model=Qwen/Qwen3-VL-2B-Instruct", "--image_size=280"], r"--image_size=280: Qwen3-VL needs a positive "
+                                                                r"multiple of 32 \(16-pixel patches merged 2x2\), e.g. 288"),
+    (["--model=someone/captioner"], r"cannot tell which Qwen-VL family 'someone/captioner' is"),
     (["--micro_batch_size=5"], r"--micro_batch_size=5: use auto or a number that divides the 16 samples"),
     (["--cache_image_features=yes"], r"--cache_image_features=yes: use auto, true or false"),
     (["--gradient_checkpointing=maybe"], r"--gradient_checkpointing=maybe: use auto, true or false"),

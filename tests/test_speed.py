@@ -112,6 +112,22 @@ def test_gradient_checkpointing_changes_neither_loss_nor_gradients(samples, tiny
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_with, grads_without))
 
 
+@pytest.mark.parametrize("size, parameters", [("2b", 2.209e9), ("qwen2.5-vl-3b", 3.755e9), ("qwen3-vl-2b", 2.128e9)])
+def test_the_benchmark_builds_each_family_s_published_shape(size, parameters, monkeypatch, tmp_path):
+    """On the meta device, so nothing is allocated: the parameter counts the model cards give (2.21B, 3.75B, 2.13B)."""
+    import bench.bench as bench
+    import tiny_qwen2vl
+
+    built = []
+    monkeypatch.setattr(tiny_qwen2vl, "save_tiny", lambda model, *args: built.append(model))
+    monkeypatch.setattr(tiny_qwen2vl, "lay_out_as_on_the_hub", lambda *args: None)
+    shape = bench.SIZES[size]
+    with torch.device("meta"):
+        tiny_qwen2vl.BUILDERS[shape["family"]](str(tmp_path), text=shape["text"], vision=shape["vision"],
+                                               vocab_size=shape["vocab_size"], dtype=torch.bfloat16)
+    assert sum(parameter.numel() for parameter in built[0].parameters()) == pytest.approx(parameters, rel=1e-3)
+
+
 def test_the_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
     import json
 

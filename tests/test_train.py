@@ -110,6 +110,20 @@ def test_lora_adapts_only_the_language_model(family_model):
     assert len(adapted) == model.config.text_config.num_hidden_layers * len(train.PROJECTIONS)  # every projection
 
 
+def test_the_family_comes_from_config_json_and_sets_the_image_size(family_model, tmp_path):
+    from captioning import FAMILIES, checked_image_size, model_family
+
+    family = model_family(family_model)
+    with open(os.path.join(family_model, "config.json")) as file:
+        assert family == FAMILIES[json.load(file)["model_type"]]
+    assert checked_image_size(0, family) == {"Qwen2-VL": 280, "Qwen2.5-VL": 280, "Qwen3-VL": 288}[family.name]
+    assert model_family("Qwen/Qwen2.5-VL-3B-Instruct").name == "Qwen2.5-VL"  # a hub id, before it is downloaded
+    (tmp_path / "config.json").write_text('{"model_type": "llava"}')
+    with pytest.raises(PipelineError, match=r"holds a 'llava' model; this project fine-tunes Qwen2-VL, Qwen2.5-VL, "
+                                            r"Qwen3-VL"):
+        model_family(str(tmp_path))
+
+
 def test_swanlab_follows_its_environment_variables(monkeypatch):
     import swanlab
 

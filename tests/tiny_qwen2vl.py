@@ -130,31 +130,42 @@ def build_tiny_qwen2vl(folder, seed=0, text=TINY_TEXT, vision=TINY_VISION, vocab
     return folder
 
 
-def build_tiny_qwen25vl(folder, seed=0):
-    """A random-weight Qwen2.5-VL: window attention in the vision tower (one full-attention block of three)."""
+TINY_QWEN25_TEXT = dict(TINY_TEXT, rope_scaling=None, max_window_layers=2,
+                        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6})
+TINY_QWEN25_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                          window_size=112, fullatt_block_indexes=[2])
+
+
+def build_tiny_qwen25vl(folder, seed=0, text=TINY_QWEN25_TEXT, vision=TINY_QWEN25_VISION, vocab_size=None,
+                        dtype=None):
+    """A random-weight Qwen2.5-VL: window attention in the vision tower (tiny: one full-attention block of three)."""
     import torch
 
     _, tokenizer = tiny_tokenizer(CHAT_TEMPLATE)
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=1280 * 28 * 28),
                                     tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
                                     chat_template=CHAT_TEMPLATE)
-    text = {key: value for key, value in TINY_TEXT.items() if key != "rope_scaling"}
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), tie_word_embeddings=True, max_window_layers=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
-                         **text, **text_token_ids(tokenizer)),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[2]),
+        text_config=dict(vocab_size=vocab_size or len(tokenizer), tie_word_embeddings=True,
+                         **{key: value for key, value in text.items() if value is not None}, **text_token_ids(tokenizer)),
+        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision),
         **special_token_ids(tokenizer),
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    save_tiny(Qwen2_5_VLForConditionalGeneration(config), processor, tokenizer, folder)
+    save_tiny(Qwen2_5_VLForConditionalGeneration(config).to(dtype or torch.float32), processor, tokenizer, folder)
     return folder
 
 
-def build_tiny_qwen3vl(folder, seed=0):
+TINY_QWEN3_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                       rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True,
+                                        "rope_theta": 5e6})
+TINY_QWEN3_VISION = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                         num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 2])
+
+
+def build_tiny_qwen3vl(folder, seed=0, text=TINY_QWEN3_TEXT, vision=TINY_QWEN3_VISION, vocab_size=None, dtype=None):
     """A random-weight Qwen3-VL: 16-pixel patches, deepstack features from three vision layers, interleaved mrope,
     and a chat template without a default system turn."""
     import torch
@@ -165,19 +176,14 @@ def build_tiny_qwen3vl(folder, seed=0):
     processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                  video_processor=Qwen3VLVideoProcessor(), chat_template=QWEN3_CHAT_TEMPLATE)
     config = Qwen3VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                         rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True,
-                                          "rope_theta": 5e6},
-                         tie_word_embeddings=True, **text_token_ids(tokenizer)),
-        vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                           deepstack_visual_indexes=[0, 1, 2]),
+        text_config=dict(vocab_size=vocab_size or len(tokenizer), tie_word_embeddings=True, **text,
+                         **text_token_ids(tokenizer)),
+        vision_config=dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, **vision),
         **special_token_ids(tokenizer),
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    save_tiny(Qwen3VLForConditionalGeneration(config), processor, tokenizer, folder)
+    save_tiny(Qwen3VLForConditionalGeneration(config).to(dtype or torch.float32), processor, tokenizer, folder)
     return folder
 
 
