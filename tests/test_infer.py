@@ -2,9 +2,10 @@
 import os
 
 import pytest
+from PIL import Image
 
 import infer
-from captioning import PipelineError, newest_checkpoint, read_run_config
+from captioning import PipelineError, generate_captions, newest_checkpoint, read_run_config
 
 
 def make_adapter(folder, saved_at):
@@ -43,3 +44,19 @@ def test_images_setting_takes_paths_and_globs(tmp_path, capsys):
     spec = f"{tmp_path}/*.jpg, {tmp_path}/missing.jpg,{tmp_path}/none*.gif"
     assert infer.expand_images(spec) == [f"{tmp_path}/a.jpg", f"{tmp_path}/b.jpg", f"{tmp_path}/missing.jpg"]
     assert f"no file matches {tmp_path}/none*.gif" in capsys.readouterr().out
+
+
+def test_batched_captions_equal_one_at_a_time_for_every_family(family_model, family_processor, family_side):
+    """Left padding in a batch changes nothing: the same greedy captions as each image alone."""
+    import numpy
+    from transformers import AutoModelForImageTextToText
+
+    from bench.bench import captions_a_person_can_compare
+
+    model = AutoModelForImageTextToText.from_pretrained(family_model).eval()
+    captions_a_person_can_compare(model, family_processor.tokenizer)
+    noise = numpy.random.default_rng(0).integers(0, 255, (3, family_side, family_side, 3), dtype=numpy.uint8)
+    images = [Image.fromarray(pixels) for pixels in noise]
+    batched = generate_captions(model, family_processor, images, "COCO Yes:", 8, batch_size=3)
+    alone = [generate_captions(model, family_processor, [image], "COCO Yes:", 8, batch_size=1)[0] for image in images]
+    assert batched == alone and len(set(batched)) > 1 and all(batched)  # the images change the text

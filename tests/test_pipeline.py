@@ -286,6 +286,13 @@ def test_a_newer_family_runs_the_four_steps_learns_its_captions_and_merges(famil
     for written in ("adapter.jsonl", "merged.jsonl"):
         captions = [json.loads(line)["caption"] for line in (tmp_path / written).read_text().splitlines()]
         assert captions == [COLOR_CAPTIONS[color] for color in TRAINED], written
+    from transformers import AutoProcessor
+
+    merged = tmp_path / "output" / "Qwen2-VL-2B-merged"  # its processor files carry training's image size
+    assert AutoProcessor.from_pretrained(merged).image_processor.size == {"shortest_edge": side * side,
+                                                                          "longest_edge": side * side}
+    preprocessor = json.loads((merged / "preprocessor_config.json").read_text())
+    assert preprocessor["min_pixels"] == preprocessor["max_pixels"] == side * side
     check(run("compare.py", "--java=never", "--swanlab_mode=disabled", cwd=tmp_path))
     metrics = json.loads((tmp_path / "output" / "Qwen2-VL-2B" / "eval" / "metrics.json").read_text())
     assert len(metrics["images"]) == 2 and metrics["metrics"]["fine_tuned"]["BLEU-1"] is not None
