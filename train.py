@@ -18,9 +18,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from captioning import (END_OF_TURN, IGNORE_INDEX, RUN_CONFIG, PipelineError, build_messages, caption_files,
-                        checked_image_size, load_image, load_model_and_processor, model_family, parse_dataclass_settings, parse_settings,
-                        pin_image_size, read_conversations, require_positive, resolve_model, run_script, start_swanlab,
-                        swanlab_run_mode, write_json)
+                        checked_image_size, load_image, load_model_and_processor, model_family,
+                        parse_dataclass_settings, parse_settings, pin_image_size, read_conversations, require_positive,
+                        resolve_model, run_script, start_swanlab, swanlab_run_mode, write_json)
 from speed import (CaptionTrainer, LengthGroupedSampler, SamplerEpochs, check_speed_settings, keep_caption_logits_only,
                    pass_cached_image_features, plan_speed)
 from training_run import ReadableCheckpoints, prepare_launch, resolve_deepspeed, resume_point, save_final_adapter
@@ -339,8 +339,8 @@ def main(argv=()):
                              train_sampler=sampler, callbacks=[SwanLabCallback(), SamplerEpochs(), ReadableCheckpoints()])
 
     model_path = os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # usable from any folder
-    run_config = {**vars(cfg), "model": model_path, "family": model_family(model_folder).name, **data, "swanlab_mode_used": mode, "world_size": args.world_size,
-                  **plan}
+    run_config = {**vars(cfg), "model": model_path, "family": model_family(model_folder).name, **data,
+                  "swanlab_mode_used": mode, "world_size": args.world_size, **plan}
     run = start_swanlab(mode, cfg.swanlab_project, swanlab_project, cfg.swanlab_run_name or
                         os.path.basename(os.path.normpath(cfg.output_dir)), run_config, earlier_run.get("swanlab_run_id"))
     if is_main_process:

@@ -35,7 +35,7 @@ epochs = 2  # training runs the recipe's 2 epochs over the images
 warmup_steps = 2  # optimizer steps left out of the timing
 caption_images = 16
 max_new_tokens = 24
-model_size = "auto"  # auto: 2b on CUDA, small on CPU | 2b (Qwen2-VL-2B-Instruct's shape) | qwen2.5-vl-3b | qwen3-vl-2b | small
+model_size = "auto"  # auto: 2b on CUDA, small on CPU | 2b (Qwen2-VL-2B's shape) | qwen2.5-vl-3b | qwen3-vl-2b | small
 output = "bench/results.json"
 part = ""  # internal: the one measurement a child process runs
 work_dir = ""  # internal: the shared data folder
@@ -68,7 +68,8 @@ SIZES = {
         vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
                     num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
         vocab_size=151936),
-    "small": dict(family="qwen2_vl", text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+    "small": dict(family="qwen2_vl",
+                  text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                             num_key_value_heads=2, max_position_embeddings=32768,
                             rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
                   vision=dict(depth=4, embed_dim=256, hidden_size=256, num_heads=4, mlp_ratio=4),

@@ -273,13 +273,13 @@ def conversation(image, caption="a cat", user_role="user"):
 def test_malformed_conversation_json_is_named_before_the_model_loads(tmp_path, content, message):
     (tmp_path / "data.json").write_text(content)
     with pytest.raises(PipelineError, match=message):
-        train.main([f"--json_path={tmp_path}/data.json", "--model=not/loaded", f"--output_dir={tmp_path}/out"])
+        train.main([f"--json_path={tmp_path}/data.json", "--model=not-downloaded/Qwen2-VL-2B-Instruct", f"--output_dir={tmp_path}/out"])
 
 
 def test_fewer_images_than_test_size_fails_clearly(tmp_path):
     write_json(tmp_path / "data.json", [conversation(f"{n}.jpg") for n in range(3)])
     with pytest.raises(PipelineError, match=r"the data has 3 distinct images, but test_size=4 .* lower --test_size"):
-        train.main([f"--json_path={tmp_path}/data.json", "--model=not/loaded", f"--output_dir={tmp_path}/out"])
+        train.main([f"--json_path={tmp_path}/data.json", "--model=not-downloaded/Qwen2-VL-2B-Instruct", f"--output_dir={tmp_path}/out"])
 
 
 def test_missing_images_and_overlong_captions_are_skipped_and_a_finished_run_is_kept(tmp_path, tiny_model):

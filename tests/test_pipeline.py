@@ -44,7 +44,7 @@ def test_run_config_records_every_setting_and_replays_them(trained_run):
     replayed = parse_settings(vars(train), [f"--config={work}/output/Qwen2-VL-2B/run_config.json"],
                               train.training_arguments)
     assert vars(replayed) == {name: run_config[name] for name in vars(replayed)}
-    assert set(run_config) - set(vars(replayed)) == {"prompt", "train_json", "test_json", "swanlab_mode_used",
+    assert set(run_config) - set(vars(replayed)) == {"family", "prompt", "train_json", "test_json", "swanlab_mode_used",
                                                      "swanlab_run_id", "world_size", "micro_batch_size_used",
                                                      "gradient_checkpointing_used", "image_features_cached"}
 

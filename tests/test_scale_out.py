@@ -172,7 +172,8 @@ def test_changed_settings_are_not_resumed(tmp_path, tiny_model, data_json):
     (output_dir / "checkpoint-10" / "trainer_state.json").write_text("{}")
     (output_dir / "run_config.json").write_text(json.dumps({"learning_rate": 0.1, "lora_r": 64}))
     with pytest.raises(PipelineError, match="holds an interrupted run with other settings .learning_rate differ."):
-        train.main([f"--json_path={data_json}", f"--output_dir={output_dir}", "--model=not/loaded"])
+        train.main([f"--json_path={data_json}", f"--output_dir={output_dir}",
+                    "--model=not-downloaded/Qwen2-VL-2B-Instruct"])
 
 
 def test_deepspeed_configs_ship_and_are_selected_by_one_setting():

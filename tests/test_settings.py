@@ -82,7 +82,8 @@ def test_train_takes_training_arguments_fields_checked_by_name_and_type():
         train_settings(["--warmup_steps", "a lot"])
     with pytest.raises(PipelineError, match=r"argument --lr_scheduler_type\S*: invalid choice: 'wavy'"):
         train_settings(["--lr_scheduler_type=wavy"])
-    with pytest.raises(PipelineError, match=r"unknown setting 'warmup_ratio' \(did you mean --warmup_steps\?\).* or a TrainingArguments field$"):
+    with pytest.raises(PipelineError, match=r"unknown setting 'warmup_ratio' \(did you mean --warmup_steps\?\).* "
+                                            r"or a TrainingArguments field$"):
         train_settings(["--warmup_ratio=0.1"])
     with pytest.raises(PipelineError, match=r"give per_device_train_batch_size as --per_device_train_batch_size"):
         train_settings(["--per-device-train-batch-size=2"])
