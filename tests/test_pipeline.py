@@ -244,8 +244,9 @@ def test_compare_scores_base_and_fine_tuned_and_writes_a_report_that_renders(tra
     assert set(metrics["metrics"]) == {"base", "fine_tuned"}
     assert [os.path.basename(image["image_path"]) for image in metrics["images"]] == ["white.jpg", "black.jpg"]
     assert metrics["images"][0]["references"] == [COLOR_CAPTIONS["white"]]
+    assert metrics["approximate"] is None and metrics["tokenizer"] == "PTB (Java)"  # Java from the requirements
     for scores in metrics["metrics"].values():
-        assert scores["SPICE"] is None and all(scores[name] is not None for name in ("BLEU-4", "ROUGE-L", "CIDEr-D"))
+        assert scores["SPICE"] is None and all(scores[name] is not None for name in ("BLEU-4", "METEOR", "CIDEr-D"))
 
     browser = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
                "--disable-background-networking", "--disable-component-update", f"--user-data-dir={tmp_path}/profile"]
@@ -296,3 +297,4 @@ def test_a_newer_family_runs_the_four_steps_learns_its_captions_and_merges(famil
     check(run("compare.py", "--java=never", "--swanlab_mode=disabled", cwd=tmp_path))
     metrics = json.loads((tmp_path / "output" / "Qwen2-VL-2B" / "eval" / "metrics.json").read_text())
     assert len(metrics["images"]) == 2 and metrics["metrics"]["fine_tuned"]["BLEU-1"] is not None
+    assert metrics["approximate"].startswith("approximate: --java=never, so BLEU, ROUGE-L and CIDEr-D use a Python")
