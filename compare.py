@@ -24,6 +24,7 @@ from captioning import (
     PipelineError,
     atomic_write,
     caption_files,
+    hold,
     load_image,
     load_model_and_processor,
     parse_settings,
@@ -267,6 +268,13 @@ def main(argv=()):
         raise PipelineError(f"--java={cfg.java}: use auto or never")
     mode = swanlab_run_mode(cfg.swanlab_mode)
     checkpoint_dir, run_config = trained_adapter(cfg.checkpoint, cfg.output_dir)
+    report_dir = cfg.report_dir or os.path.join(cfg.output_dir, "eval")
+    with hold(report_dir):  # one report into a folder at a time
+        evaluate(cfg, mode, checkpoint_dir, run_config, report_dir)
+
+
+def evaluate(cfg, mode, checkpoint_dir, run_config, report_dir):
+    """Caption the evaluation images with both models, score them, and write the table, metrics.json and report."""
     eval_json = cfg.eval_json or run_config["test_json"]
     references = {}
     for sample in read_conversations(eval_json):
@@ -293,7 +301,6 @@ def main(argv=()):
              "fine_tuned": captions["fine_tuned"][path], "thumbnail": thumbnail_data_uri(path, run_config["image_size"])}
             for path in paths]
 
-    report_dir = cfg.report_dir or os.path.join(cfg.output_dir, "eval")
     os.makedirs(report_dir, exist_ok=True)
     title = f"Base vs fine-tuned captions: {len(rows)} images of {os.path.basename(eval_json)}"
     write_json(os.path.join(report_dir, "metrics.json"), {

@@ -9,7 +9,7 @@ import csv
 import io
 import os
 
-from captioning import PipelineError, parse_settings, run_script, write_json
+from captioning import PipelineError, hold, parse_settings, run_script, write_json
 
 # ----------------------------------------------------------------------------- settings
 csv_path = "coco-2024-dataset.csv"  # needs columns image_path and caption; relative paths are read from its folder
@@ -58,26 +58,28 @@ def conversation(number, image_path, caption, prompt_text):
 
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
-    csv_folder = os.path.dirname(os.path.abspath(cfg.csv_path))
-    conversations, skipped = [], []
-    for line_number, row in enumerate(read_rows(cfg.csv_path), start=2):  # line 1 is the header
-        image_path = os.path.join(csv_folder, row["image_path"] or "")
-        caption = (row["caption"] or "").strip()
-        if not caption:
-            skipped.append(f"line {line_number}: empty caption")
-        elif not os.path.isfile(image_path):
-            skipped.append(f"line {line_number}: image not found: {image_path}")
-        else:
-            conversations.append(conversation(len(conversations) + 1, os.path.normpath(image_path), caption, cfg.prompt))
+    with hold(cfg.json_path):  # one run per JSON file at a time
+        csv_folder = os.path.dirname(os.path.abspath(cfg.csv_path))
+        conversations, skipped = [], []
+        for line_number, row in enumerate(read_rows(cfg.csv_path), start=2):  # line 1 is the header
+            image_path = os.path.join(csv_folder, row["image_path"] or "")
+            caption = (row["caption"] or "").strip()
+            if not caption:
+                skipped.append(f"line {line_number}: empty caption")
+            elif not os.path.isfile(image_path):
+                skipped.append(f"line {line_number}: image not found: {image_path}")
+            else:
+                number = len(conversations) + 1
+                conversations.append(conversation(number, os.path.normpath(image_path), caption, cfg.prompt))
 
-    if skipped:
-        print(f"skipped {len(skipped)} rows of {cfg.csv_path}:", *skipped[:5], sep="\n  ")
-        if len(skipped) > 5:
-            print(f"  ... and {len(skipped) - 5} more")
-    if not conversations:
-        raise PipelineError(f"{cfg.csv_path} has no usable row (an existing image file and a non-empty caption)")
-    write_json(cfg.json_path, conversations)
-    print(f"wrote {len(conversations)} conversations to {cfg.json_path}")
+        if skipped:
+            print(f"skipped {len(skipped)} rows of {cfg.csv_path}:", *skipped[:5], sep="\n  ")
+            if len(skipped) > 5:
+                print(f"  ... and {len(skipped) - 5} more")
+        if not conversations:
+            raise PipelineError(f"{cfg.csv_path} has no usable row (an existing image file and a non-empty caption)")
+        write_json(cfg.json_path, conversations)
+        print(f"wrote {len(conversations)} conversations to {cfg.json_path}")
 
 
 if __name__ == "__main__":

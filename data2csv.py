@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 from PIL import Image
 from tqdm import tqdm
 
-from captioning import PipelineError, atomic_write, parse_settings, require_positive, run_script, to_rgb
+from captioning import PipelineError, atomic_write, hold, parse_settings, require_positive, run_script, to_rgb
 
 # ----------------------------------------------------------------------------- settings
 source = "modelscope"  # modelscope | coco | hf:<dataset id> | path to a local imagefolder
@@ -257,6 +257,12 @@ def image_file_name(image_id):
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
     require_positive(cfg, "max_data_number", "max_image_side")
+    with hold(cfg.image_dir), hold(cfg.csv_path):  # one run per image folder and CSV at a time
+        fetch_images_and_write_csv(cfg)
+
+
+def fetch_images_and_write_csv(cfg):
+    """Each row's image saved once into image_dir (resuming: the ones already there are kept), then the CSV."""
     os.makedirs(cfg.image_dir, exist_ok=True)
     for leftover in glob.glob(os.path.join(cfg.image_dir, "*.part")):
         os.remove(leftover)  # a write that an earlier run did not finish

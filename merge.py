@@ -16,6 +16,7 @@ from captioning import (
     RUN_CONFIG,
     PipelineError,
     add_config_fields_for_transformers_4,
+    hold,
     load_model_and_processor,
     parse_settings,
     readable_by_all,
@@ -47,22 +48,23 @@ def main(argv=()):
 
     from peft import PeftModel
 
-    base = resolve_model(cfg.model or run_config["model"])
-    print(f"merging {checkpoint_dir} into {base}")
-    base_model, processor = load_model_and_processor(base, dtype=cfg.dtype)
-    merged = PeftModel.from_pretrained(base_model, checkpoint_dir).merge_and_unload()
+    with hold(merged_dir):  # one merge into a folder at a time
+        base = resolve_model(cfg.model or run_config["model"])
+        print(f"merging {checkpoint_dir} into {base}")
+        base_model, processor = load_model_and_processor(base, dtype=cfg.dtype)
+        merged = PeftModel.from_pretrained(base_model, checkpoint_dir).merge_and_unload()
 
-    staging = merged_dir.rstrip("/") + ".part"  # written whole, then renamed into place
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging)  # weights as safetensors, config and generation config
-    add_config_fields_for_transformers_4(staging)
-    save_processor(processor, staging, run_config["image_size"], base)
-    write_json(os.path.join(staging, RUN_CONFIG), {**run_config, "merged_from": os.path.abspath(checkpoint_dir)})
-    readable_by_all(staging)
-    shutil.rmtree(merged_dir, ignore_errors=True)
-    os.replace(staging, merged_dir)
-    print(f"wrote the merged model to {merged_dir}: load it with AutoModelForImageTextToText.from_pretrained, "
-          f"vLLM, or `python infer.py --model={merged_dir}`")
+        staging = merged_dir.rstrip("/") + ".part"  # written whole, then renamed into place
+        shutil.rmtree(staging, ignore_errors=True)
+        merged.save_pretrained(staging)  # weights as safetensors, config and generation config
+        add_config_fields_for_transformers_4(staging)
+        save_processor(processor, staging, run_config["image_size"], base)
+        write_json(os.path.join(staging, RUN_CONFIG), {**run_config, "merged_from": os.path.abspath(checkpoint_dir)})
+        readable_by_all(staging)
+        shutil.rmtree(merged_dir, ignore_errors=True)
+        os.replace(staging, merged_dir)
+        print(f"wrote the merged model to {merged_dir}: load it with AutoModelForImageTextToText.from_pretrained, "
+              f"vLLM, or `python infer.py --model={merged_dir}`")
 
 
 if __name__ == "__main__":

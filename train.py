@@ -11,6 +11,7 @@ held-out images and logs them to SwanLab.
 """
 import os
 from collections import Counter
+from contextlib import nullcontext
 
 import torch
 from PIL import Image
@@ -18,7 +19,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from captioning import (END_OF_TURN, IGNORE_INDEX, RUN_CONFIG, PipelineError, build_messages, caption_files,
-                        checked_image_size, load_image, load_model_and_processor, model_family,
+                        checked_image_size, hold, load_image, load_model_and_processor, model_family,
                         parse_dataclass_settings, parse_settings, pin_image_size, read_conversations, require_positive,
                         resolve_model, run_script, start_swanlab, swanlab_run_mode, write_json)
 from speed import (CaptionTrainer, LengthGroupedSampler, SamplerEpochs, check_speed_settings, keep_caption_logits_only,
@@ -305,11 +306,9 @@ def caption_held_out(cfg, lora_model, processor, test_samples, prompt, is_main_p
     swanlab.finish()
 
 
-def main(argv=()):
-    prepare_launch()
-    is_main_process = int(os.environ.get("RANK", "0")) == 0  # only it writes files, logs and prints captions
-    cfg = parse_settings(globals(), argv, more_settings=training_arguments)
-    deepspeed_config = check_settings(cfg)
+def train_and_caption(cfg, deepspeed_config, is_main_process):
+    """The run, phase by phase: split the data, load the model with LoRA, build the dataset, plan the steps, train,
+    save the adapter, caption the held-out images."""
     mode = swanlab_run_mode(cfg.swanlab_mode) if is_main_process else "disabled"
     resume_from, earlier_run = resume_point(cfg, is_main_process)
 
@@ -353,6 +352,15 @@ def main(argv=()):
         print(f"saved the adapter, processor and {RUN_CONFIG} to {cfg.output_dir}")
     caption_held_out(cfg, lora_model, processor, test_samples, data["prompt"], is_main_process)
 
+
+
+def main(argv=()):
+    prepare_launch()
+    is_main_process = int(os.environ.get("RANK", "0")) == 0  # only it writes files, logs and prints captions
+    cfg = parse_settings(globals(), argv, more_settings=training_arguments)
+    deepspeed_config = check_settings(cfg)
+    with hold(cfg.output_dir) if is_main_process else nullcontext():  # one run per output_dir at a time
+        train_and_caption(cfg, deepspeed_config, is_main_process)
 
 if __name__ == "__main__":
     run_script(main)
