@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from collections import Counter
 
@@ -71,6 +72,15 @@ def family_side(family_model):
     from captioning import model_family
 
     return 2 * model_family(family_model).side_multiple
+
+
+def start_and_wait_for(command, appears, cwd, timeout=300, **popen_kwargs):
+    """Start a command and return its process once the path `appears` exists (or the process ended, or timeout)."""
+    process = subprocess.Popen(command, cwd=cwd, **popen_kwargs)
+    deadline = time.time() + timeout
+    while not appears.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    return process
 
 
 def run(script, *args, cwd, timeout=600):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import REPO, make_imagefolder, run
+from conftest import REPO, make_imagefolder, run, start_and_wait_for
 
 
 def holder(path):
@@ -61,12 +61,9 @@ def test_two_training_runs_on_one_output_dir(tmp_path, tiny_model):
     assert run("csv2json.py", cwd=tmp_path).returncode == 0
     args = [f"--model={tiny_model}", "--test_size=2", "--image_size=56", "--max_steps=1500", "--save_steps=5000",
             "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1", "--swanlab_mode=disabled"]
-    first = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     owner = tmp_path / "output" / ".Qwen2-VL-2B.lock.json"
-    deadline = time.time() + 120
-    while not owner.exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    first = start_and_wait_for([sys.executable, os.path.join(REPO, "train.py"), *args], owner, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     second = run("train.py", *args, cwd=tmp_path)
     assert second.returncode == 1, second.stderr[-3000:]
     assert f"output/Qwen2-VL-2B is in use by process {first.pid} on " in second.stderr

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -17,7 +16,7 @@ import data2csv
 import train
 import training_run
 from captioning import PipelineError, checkpoint_folders
-from conftest import REPO, make_imagefolder, run
+from conftest import REPO, make_imagefolder, run, start_and_wait_for
 
 COMMON = ["--image_size=56", "--learning_rate=5e-3", "--gradient_accumulation_steps=1", "--swanlab_mode=disabled",
           "--logging_steps=1", "--lora_dropout=0"]
@@ -129,12 +128,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     output_dir = tmp_path / "out"
     monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "swanlab-logs"))
     args = [*resume_args(tiny_model, data_json, output_dir), "--swanlab_mode", "local"]
-    process = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first_checkpoint = output_dir / "checkpoint-10" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    process = start_and_wait_for([sys.executable, os.path.join(REPO, "train.py"), *args],
+                                 output_dir / "checkpoint-10" / "trainer_state.json", cwd=tmp_path,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
     if stop == signal.SIGTERM:  # stopped like Ctrl-C, with a message
@@ -223,12 +219,8 @@ def test_two_processes_killed_mid_epoch_resume_to_the_losses_of_an_uninterrupted
 
     output_dir = tmp_path / "out"
     args = [*two_process_resume_args(tiny_model, data_json, output_dir), order]
-    launcher = subprocess.Popen(torchrun_command(*args), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-    first_checkpoint = output_dir / "checkpoint-3" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not first_checkpoint.exists() and launcher.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    launcher = start_and_wait_for(torchrun_command(*args), output_dir / "checkpoint-3" / "trainer_state.json",
+                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for process in [*psutil.Process(launcher.pid).children(recursive=True), launcher]:  # each in its own session
         process.kill()
     launcher.wait(timeout=60)
