@@ -311,6 +311,14 @@ def lock_owner(owner_path):
         return "another process (it has not written its name yet)"
 
 
+def report_skipped(skipped, what):
+    """Name the first five things skipped, and count the rest."""
+    if skipped:
+        print(f"skipped {len(skipped)} {what}:", *skipped[:5], sep="\n  ")
+        if len(skipped) > 5:
+            print(f"  ... and {len(skipped) - 5} more")
+
+
 def readable_by_all(folder):
     """Files 0644 (safetensors writes its weights 0600): a server running as another user can read them."""
     for name in os.listdir(folder):

@@ -9,7 +9,7 @@ import csv
 import io
 import os
 
-from captioning import PipelineError, hold, parse_settings, run_script, write_json
+from captioning import PipelineError, hold, parse_settings, report_skipped, run_script, write_json
 
 # ----------------------------------------------------------------------------- settings
 csv_path = "coco-2024-dataset.csv"  # needs columns image_path and caption; relative paths are read from its folder
@@ -72,10 +72,7 @@ def main(argv=()):
                 number = len(conversations) + 1
                 conversations.append(conversation(number, os.path.normpath(image_path), caption, cfg.prompt))
 
-        if skipped:
-            print(f"skipped {len(skipped)} rows of {cfg.csv_path}:", *skipped[:5], sep="\n  ")
-            if len(skipped) > 5:
-                print(f"  ... and {len(skipped) - 5} more")
+        report_skipped(skipped, f"rows of {cfg.csv_path}")
         if not conversations:
             raise PipelineError(f"{cfg.csv_path} has no usable row (an existing image file and a non-empty caption)")
         write_json(cfg.json_path, conversations)

@@ -18,8 +18,6 @@ from transformers import Trainer, TrainerCallback
 from captioning import IGNORE_INDEX, PipelineError, load_image
 
 SPEED_CHOICES = ("auto", "true", "false")
-
-
 ZERO3_SPLITS_THE_VISION_TOWER = "DeepSpeed ZeRO-3 splits the vision tower across GPUs"
 
 
@@ -30,13 +28,18 @@ def is_zero3(deepspeed_config):
         return json.load(file).get("zero_optimization", {}).get("stage") == 3
 
 
+def micro_batch_sizes(cfg):
+    """(samples in a step on each process, the micro-batch sizes that divide it, largest first)."""
+    step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    return step_samples, [size for size in range(step_samples, 0, -1) if step_samples % size == 0]
+
+
 def check_speed_settings(cfg, deepspeed_config):
     """Refuse a speed setting that cannot be used, before anything loads."""
     for name in ("gradient_checkpointing", "cache_image_features"):
         if getattr(cfg, name) not in SPEED_CHOICES:
             raise PipelineError(f"--{name}={getattr(cfg, name)}: use auto, true or false")
-    step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    sizes = [size for size in range(step_samples, 0, -1) if step_samples % size == 0]
+    step_samples, sizes = micro_batch_sizes(cfg)
     if cfg.micro_batch_size != "auto" and (not cfg.micro_batch_size.isdigit() or int(cfg.micro_batch_size) not in sizes):
         raise PipelineError(f"--micro_batch_size={cfg.micro_batch_size}: use auto or a number that divides the "
                             f"{step_samples} samples of a step ({', '.join(map(str, sizes))})")
@@ -74,8 +77,7 @@ def step_plan(cfg, fits):
     gradient_accumulation_steps samples. Where a setting is auto, the first candidate for which fits(size,
     checkpointing) holds wins: the largest micro-batches without checkpointing, down to the recipe's size, then
     with checkpointing, which recomputes the forward pass but keeps the GPU busy with large micro-batches."""
-    step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    sizes = [size for size in range(step_samples, 0, -1) if step_samples % size == 0]
+    _, sizes = micro_batch_sizes(cfg)
     if cfg.micro_batch_size != "auto":
         sizes = [int(cfg.micro_batch_size)]
     if cfg.gradient_checkpointing == "auto":
@@ -247,7 +249,7 @@ class SamplerEpochs(TrainerCallback):
 def plan_speed(cfg, lora_model, processor, dataset, collator, args, deepspeed_config):
     """Decide the image-feature cache and each step's micro-batches: the training arguments that carry them, and
     what run_config.json records of them."""
-    step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    step_samples, _ = micro_batch_sizes(cfg)
     cached = use_feature_cache(cfg, dataset, lora_model, deepspeed_config, args.world_size)
     if cached:
         dataset.image_features = encode_images(lora_model, processor, dataset.image_paths(), cfg.image_size,

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from captioning import (END_OF_TURN, IGNORE_INDEX, RUN_CONFIG, PipelineError, build_messages, caption_files,
                         checked_image_size, hold, load_image, load_model_and_processor, model_family,
-                        parse_dataclass_settings, parse_settings, pin_image_size, read_conversations, require_positive,
+                        parse_dataclass_settings, parse_settings, pin_image_size, read_conversations, report_skipped, require_positive,
                         resolve_model, run_script, start_swanlab, swanlab_run_mode, write_json)
 from speed import (CaptionTrainer, LengthGroupedSampler, SamplerEpochs, check_speed_settings, keep_caption_logits_only,
                    pass_cached_image_features, plan_speed)
@@ -182,13 +182,6 @@ class CaptionCollator:
                     padded[row, : len(value)] = value
                 batch[key] = padded
         return keep_caption_logits_only(pass_cached_image_features(batch))
-
-
-def report_skipped(skipped, what):
-    if skipped:
-        print(f"skipped {len(skipped)} {what}:", *skipped[:5], sep="\n  ")
-        if len(skipped) > 5:
-            print(f"  ... and {len(skipped) - 5} more")
 
 
 # ----------------------------------------------------------------------------- settings checked before anything loads
