@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import html
 import io
+import json
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ from captioning import (
     require_positive,
     run_script,
     start_swanlab,
+    stop_if_disk_full,
     swanlab_run_mode,
     trained_adapter,
     write_json,
@@ -159,6 +161,17 @@ def score_captions(references, candidates, use_java, description="scoring", spic
 def file_digest(path):
     with open(path, "rb") as file:
         return hashlib.sha1(file.read()).hexdigest()
+
+
+def write_report(report_dir, summary, report_html):
+    """metrics.json and report.html: both, or (when the disk is full) neither."""
+    os.makedirs(report_dir, exist_ok=True)
+    metrics_path = os.path.join(report_dir, "metrics.json")
+    with stop_if_disk_full(report_dir, "the report", lambda: len(report_html) + len(json.dumps(summary)),
+                           partial=[metrics_path], setting="report_dir", then="it captions and scores again"):
+        write_json(metrics_path, summary)
+        with atomic_write(os.path.join(report_dir, "report.html"), encoding="utf-8") as file:
+            file.write(report_html)
 
 
 def refuse_training_images(eval_images, train_json):
@@ -301,16 +314,13 @@ def evaluate(cfg, mode, checkpoint_dir, run_config, report_dir):
              "fine_tuned": captions["fine_tuned"][path], "thumbnail": thumbnail_data_uri(path, run_config["image_size"])}
             for path in paths]
 
-    os.makedirs(report_dir, exist_ok=True)
     title = f"Base vs fine-tuned captions: {len(rows)} images of {os.path.basename(eval_json)}"
-    write_json(os.path.join(report_dir, "metrics.json"), {
+    write_report(report_dir, {
         "checkpoint": os.path.abspath(checkpoint_dir), "eval_json": os.path.abspath(eval_json),
         "tokenizer": "PTB (Java)" if use_java else "Python PTB-compatible", "approximate": approximate,
         "metrics": metrics, "skipped": skipped,
         "seconds": seconds, "images": [{k: v for k, v in row.items() if k != "thumbnail"} for row in rows],
-    })
-    with atomic_write(os.path.join(report_dir, "report.html"), encoding="utf-8") as file:
-        file.write(html_report(rows, metrics, skipped, title, approximate))
+    }, html_report(rows, metrics, skipped, title, approximate))
     for key, label in MODELS.items():
         print(f"{label}: {len(rows)} images in {seconds[key]:.1f} s ({len(rows) / seconds[key]:.2f} images/s)")
     print(f"wrote {report_dir}/metrics.json and {report_dir}/report.html")

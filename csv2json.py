@@ -7,9 +7,11 @@ assistant: CAPTION]}. Rows whose image file is missing or whose caption is empty
 """
 import csv
 import io
+import json
 import os
 
-from captioning import PipelineError, hold, parse_settings, report_skipped, run_script, write_json
+from captioning import (PipelineError, hold, parse_settings, report_skipped, run_script, stop_if_disk_full,
+                        write_json)
 
 # ----------------------------------------------------------------------------- settings
 csv_path = "coco-2024-dataset.csv"  # needs columns image_path and caption; relative paths are read from its folder
@@ -75,7 +77,10 @@ def main(argv=()):
         report_skipped(skipped, f"rows of {cfg.csv_path}")
         if not conversations:
             raise PipelineError(f"{cfg.csv_path} has no usable row (an existing image file and a non-empty caption)")
-        write_json(cfg.json_path, conversations)
+        with stop_if_disk_full(os.path.dirname(os.path.abspath(cfg.json_path)), cfg.json_path, setting="json_path",
+                               needed=lambda: len(json.dumps(conversations, ensure_ascii=False, indent=2).encode()),
+                               then="it writes the JSON again"):
+            write_json(cfg.json_path, conversations)
         print(f"wrote {len(conversations)} conversations to {cfg.json_path}")
 
 

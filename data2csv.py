@@ -24,7 +24,8 @@ from typing import Callable, NamedTuple
 from PIL import Image
 from tqdm import tqdm
 
-from captioning import PipelineError, atomic_write, hold, parse_settings, require_positive, run_script, to_rgb
+from captioning import (PipelineError, atomic_write, hold, is_disk_full, parse_settings, require_positive, run_script,
+                        stop_if_disk_full, to_rgb)
 
 # ----------------------------------------------------------------------------- settings
 source = "modelscope"  # modelscope | coco | hf:<dataset id> | path to a local imagefolder
@@ -210,7 +211,9 @@ def download_file(url, cfg):
     try:
         with urllib.request.urlopen(url, timeout=cfg.timeout) as response, atomic_write(path, "wb") as file:
             size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(url)}") as bar:
+            with stop_if_disk_full(cfg.download_dir, url, size or 0, setting="download_dir", then="it downloads "
+                                   "the file again"), \
+                    tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(url)}") as bar:
                 while chunk := response.read(1 << 20):
                     file.write(chunk)
                     bar.update(len(chunk))
@@ -269,26 +272,30 @@ def fetch_images_and_write_csv(cfg):
 
     rows, failed, fetched, reused, empty_captions = [], {}, set(), set(), 0
     progress = tqdm(take(open_source(cfg), cfg), total=None if cfg.all_captions else cfg.max_data_number, unit="row")
-    for row in progress:
-        caption = str(row.caption or "").strip()
-        if not caption:
-            empty_captions += 1
-            continue
-        if row.image_id in failed:
-            continue
-        image_path = os.path.abspath(os.path.join(cfg.image_dir, image_file_name(row.image_id)))
-        if image_path not in fetched and image_path not in reused:
-            if os.path.exists(image_path):
-                reused.add(image_path)
-            else:
-                try:
-                    save_rgb_jpeg(row.fetch_image(), image_path, cfg.max_image_side)
-                except (ImageUnavailable, OSError) as error:
-                    failed[row.image_id] = str(error)
-                    continue
-                fetched.add(image_path)
-            progress.set_postfix(images=len(fetched) + len(reused), fetched=len(fetched))
-        rows.append({"image_path": image_path, "caption": caption, "image_id": row.image_id})
+    with stop_if_disk_full(cfg.image_dir, "the images", lambda: space_for_the_rest(cfg, progress.n, fetched | reused),
+                           setting="image_dir", then="the images saved so far are kept and not fetched again"):
+        for row in progress:
+            caption = str(row.caption or "").strip()
+            if not caption:
+                empty_captions += 1
+                continue
+            if row.image_id in failed:
+                continue
+            image_path = os.path.abspath(os.path.join(cfg.image_dir, image_file_name(row.image_id)))
+            if image_path not in fetched and image_path not in reused:
+                if os.path.exists(image_path):
+                    reused.add(image_path)
+                else:
+                    try:
+                        save_rgb_jpeg(row.fetch_image(), image_path, cfg.max_image_side)
+                    except (ImageUnavailable, OSError) as error:
+                        if is_disk_full(error):
+                            raise
+                        failed[row.image_id] = str(error)
+                        continue
+                    fetched.add(image_path)
+                progress.set_postfix(images=len(fetched) + len(reused), fetched=len(fetched))
+            rows.append({"image_path": image_path, "caption": caption, "image_id": row.image_id})
     progress.close()
 
     if empty_captions:
@@ -296,16 +303,33 @@ def fetch_images_and_write_csv(cfg):
     if not rows:
         reason = summary(failed) if failed else "the source gave no row with a caption"
         raise PipelineError(f"no image/caption pair could be saved from {cfg.source}: {reason}")
-    with atomic_write(cfg.csv_path, encoding="utf-8", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["image_path", "caption", "image_id"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(cfg.csv_path, rows)
     print(
         f"wrote {len(rows)} rows to {cfg.csv_path}: {len(fetched) + len(reused)} images in {cfg.image_dir} "
         f"({len(fetched)} fetched now, {len(reused)} already there)"
     )
     if failed:
         print(f"skipped {len(failed)} images: {summary(failed)}; run again to retry them")
+
+
+def write_csv(path, rows):
+    """The CSV, written whole or not at all."""
+    size = sum(len(",".join(row.values()).encode()) + 2 for row in rows)  # about: the quotes some captions need aside
+    with stop_if_disk_full(os.path.dirname(os.path.abspath(path)), path, size, setting="csv_path",
+                           then="the images are all saved, so it writes the CSV at once"), \
+            atomic_write(path, encoding="utf-8", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["image_path", "caption", "image_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def space_for_the_rest(cfg, rows_taken, images):
+    """About the bytes that the images still to fetch take: as many more images per row as so far, each of the mean
+    size so far (or a COCO image's, about 160 KB)."""
+    mean_size = sum(map(os.path.getsize, images)) / len(images) if images else 160_000
+    if cfg.all_captions:
+        return (cfg.max_data_number - len(images)) * mean_size
+    return (cfg.max_data_number - rows_taken) * len(images) / max(rows_taken, 1) * mean_size + mean_size
 
 
 def take(rows, cfg):

@@ -23,6 +23,7 @@ from captioning import (
     read_run_config,
     require_positive,
     run_script,
+    stop_if_disk_full,
     trained_adapter,
 )
 
@@ -84,11 +85,15 @@ def main(argv=()):
 
     output_path = cfg.output_path or os.path.join(used, "predictions.jsonl")
     adapter = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
-    with atomic_write(output_path, encoding="utf-8") as file:
-        for path, caption in captioned:
-            record = {"image_path": path, "caption": caption, "model": base, "adapter": adapter}
-            file.write(json.dumps(record, ensure_ascii=False) + "\n")
-            print(f"{path}: {caption}")
+    lines = []
+    for path, caption in captioned:
+        print(f"{path}: {caption}")
+        record = {"image_path": path, "caption": caption, "model": base, "adapter": adapter}
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    with stop_if_disk_full(os.path.dirname(os.path.abspath(output_path)), output_path, len("".join(lines).encode()),
+                           setting="output_path", then="it captions again"), \
+            atomic_write(output_path, encoding="utf-8") as file:
+        file.writelines(lines)
     print(f"wrote {len(captioned)} captions to {output_path}")
 
 

@@ -23,6 +23,7 @@ from captioning import (
     resolve_model,
     run_script,
     save_processor,
+    stop_if_disk_full,
     trained_adapter,
     write_json,
 )
@@ -56,10 +57,13 @@ def main(argv=()):
 
         staging = merged_dir.rstrip("/") + ".part"  # written whole, then renamed into place
         shutil.rmtree(staging, ignore_errors=True)
-        merged.save_pretrained(staging)  # weights as safetensors, config and generation config
-        add_config_fields_for_transformers_4(staging)
-        save_processor(processor, staging, run_config["image_size"], base)
-        write_json(os.path.join(staging, RUN_CONFIG), {**run_config, "merged_from": os.path.abspath(checkpoint_dir)})
+        weights_size = sum(tensor.numel() * tensor.element_size() for tensor in merged.state_dict().values())
+        with stop_if_disk_full(merged_dir, "the merged model", weights_size, partial=[staging], setting="merged_dir",
+                               then="it merges again"):
+            merged.save_pretrained(staging)  # weights as safetensors, config and generation config
+            add_config_fields_for_transformers_4(staging)
+            save_processor(processor, staging, run_config["image_size"], base)
+            write_json(os.path.join(staging, RUN_CONFIG), {**run_config, "merged_from": os.path.abspath(checkpoint_dir)})
         readable_by_all(staging)
         shutil.rmtree(merged_dir, ignore_errors=True)
         os.replace(staging, merged_dir)

@@ -24,7 +24,8 @@ from captioning import (END_OF_TURN, IGNORE_INDEX, RUN_CONFIG, PipelineError, bu
                         resolve_model, run_script, start_swanlab, swanlab_run_mode, write_json)
 from speed import (CaptionTrainer, LengthGroupedSampler, SamplerEpochs, check_speed_settings, keep_caption_logits_only,
                    pass_cached_image_features, plan_speed)
-from training_run import ReadableCheckpoints, prepare_launch, resolve_deepspeed, resume_point, save_final_adapter
+from training_run import (ReadableCheckpoints, prepare_launch, resolve_deepspeed, resume_point, save_final_adapter,
+                          train_until_done)
 
 # ----------------------------------------------------------------------------- settings
 model = "Qwen/Qwen2-VL-2B-Instruct"  # a Qwen2-VL, Qwen2.5-VL or Qwen3-VL: hub id (ModelScope, into ./Qwen/...) or folder
@@ -267,7 +268,7 @@ def train(trainer, resume_from, plan):
     """Train, then save trainer_state.json and train_results.json at the top of output_dir, as the Hugging Face
     example scripts do."""
     try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        result = train_until_done(trainer, resume_from)
     except torch.cuda.OutOfMemoryError as error:
         raise PipelineError(
             f"the GPU ran out of memory in training (micro-batches of {plan['micro_batch_size_used']}, gradient "

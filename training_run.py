@@ -8,9 +8,12 @@ import shutil
 import torch
 from transformers import TrainerCallback
 
-from captioning import ADAPTER_CONFIG, RUN_CONFIG, PipelineError, checkpoint_folders, readable_by_all, save_processor
+from captioning import (ADAPTER_CONFIG, RUN_CONFIG, PipelineError, checkpoint_folders, readable_by_all, save_processor,
+                        stop_if_disk_full)
 
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint: its presence marks a complete one
+# what a checkpoint holds beside the adapter and processor files
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state", "training_args.bin", TRAINER_STATE)
 
 
 def newest_complete_checkpoint(output_dir):
@@ -18,6 +21,32 @@ def newest_complete_checkpoint(output_dir):
     complete = {step: folder for step, folder in checkpoint_folders(output_dir).items()
                 if os.path.isfile(os.path.join(folder, TRAINER_STATE))}
     return complete[max(complete)] if complete else None
+
+
+def unfinished_checkpoints(output_dir):
+    return [folder for folder in checkpoint_folders(output_dir).values()
+            if not os.path.isfile(os.path.join(folder, TRAINER_STATE))]
+
+
+def space_for_a_save(model, output_dir, training_state):
+    """About the bytes one save takes: the newest checkpoint's files (without the optimizer, scheduler and RNG state
+    unless training_state), else the adapter's weights, three times over with Adam's two moments."""
+    newest = newest_complete_checkpoint(output_dir)
+    if newest:
+        return sum(os.path.getsize(os.path.join(newest, name)) for name in os.listdir(newest)
+                   if training_state or not name.startswith(TRAINING_STATE))
+    adapter = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters() if p.requires_grad)
+    return adapter * 3 if training_state else adapter
+
+
+def train_until_done(trainer, resume_from):
+    """trainer.train, stopped with a message when a checkpoint finds the disk full; the checkpoint it was writing is
+    removed, so the next run resumes from the one before."""
+    output_dir = trainer.args.output_dir
+    with stop_if_disk_full(output_dir, "a checkpoint", lambda: space_for_a_save(trainer.model, output_dir, True),
+                           partial=lambda: unfinished_checkpoints(output_dir) if trainer.is_world_process_zero() else [],
+                           setting="output_dir", then="it resumes from the newest complete checkpoint"):
+        return trainer.train(resume_from_checkpoint=resume_from)
 
 
 # settings that may change when a run is resumed: they do not shape the training itself
@@ -66,11 +95,16 @@ def save_final_adapter(trainer, processor, output_dir, image_size, base_model):
     """Save the adapter and processor files so that an interruption never leaves a half-written adapter behind:
     everything is written to a staging folder, then moved in with adapter_config.json last."""
     staging = os.path.join(output_dir, "final-adapter.part")
-    if trainer.is_world_process_zero():
+    main_process = trainer.is_world_process_zero()
+    if main_process:
         shutil.rmtree(staging, ignore_errors=True)
-    trainer.save_model(staging)  # on every process: DeepSpeed ZeRO-3 gathers the weights from all of them
-    if trainer.is_world_process_zero():
-        save_processor(processor, staging, image_size, base_model)
+    with stop_if_disk_full(output_dir, "the final adapter", lambda: space_for_a_save(trainer.model, output_dir, False),
+                           partial=[staging] if main_process else [], setting="output_dir",
+                           then="training is done, so it saves the final adapter from the last checkpoint"):
+        trainer.save_model(staging)  # on every process: DeepSpeed ZeRO-3 gathers the weights from all of them
+        if main_process:
+            save_processor(processor, staging, image_size, base_model)
+    if main_process:
         readable_by_all(staging)
         for name in sorted(os.listdir(staging), key=lambda name: name == ADAPTER_CONFIG):
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
