@@ -4,9 +4,12 @@ Training and inference both build their prompts with `build_messages` and load i
 so the prompt and image size cannot drift apart between them.
 """
 import argparse
+import base64
 import difflib
 import errno
 import glob
+import html
+import io
 import json
 import os
 import re
@@ -544,6 +547,42 @@ def trained_adapter(checkpoint, output_dir):
     return folder, read_run_config(folder)
 
 
+def trained_model(model, checkpoint, output_dir):
+    """(adapter folder or None, training's settings, the model to load): a folder written by merge.py, given as
+    model, needs no adapter; else the adapter (checkpoint, or the newest under output_dir) goes on model, or on the
+    base model training used."""
+    if model and not checkpoint and os.path.isfile(os.path.join(model, RUN_CONFIG)):
+        return None, read_run_config(model), model
+    checkpoint_dir, run_config = trained_adapter(checkpoint, output_dir)
+    return checkpoint_dir, run_config, model or run_config["model"]
+
+
+class BaseAndFineTuned:
+    """The base model and the fine-tuned one, to caption the same images with both. With an adapter the base model
+    is the adapter switched off, so nothing loads twice; a merged model is loaded beside the model it came from."""
+
+    def __init__(self, model, checkpoint, output_dir):
+        self.checkpoint_dir, self.run_config, fine_tuned = trained_model(model, checkpoint, output_dir)
+        self.fine_tuned, self.processor = load_model_and_processor(fine_tuned, on_device=True)
+        self.base = None
+        if self.checkpoint_dir:
+            from peft import PeftModel
+
+            self.fine_tuned = PeftModel.from_pretrained(self.fine_tuned, self.checkpoint_dir)
+        else:
+            self.base, _ = load_model_and_processor(self.run_config["model"], on_device=True)
+        self.fine_tuned.eval()
+        self.names = {"base": self.run_config["model"], "fine_tuned": self.checkpoint_dir or fine_tuned}
+
+    def caption(self, which, paths, max_new_tokens, batch_size, **options):
+        """caption_files with the "base" or the "fine_tuned" model, at training's prompt and image size."""
+        switched_off = which == "base" and self.base is None
+        with self.fine_tuned.disable_adapter() if switched_off else suppress():
+            model = self.base if which == "base" and self.base is not None else self.fine_tuned
+            return caption_files(model, self.processor, paths, self.run_config["image_size"],
+                                 self.run_config["prompt"], max_new_tokens, batch_size, **options)
+
+
 # ----------------------------------------------------------------------------- tracking
 
 SWANLAB_MODES = {"cloud": "online", "online": "online", "local": "local", "offline": "offline", "disabled": "disabled"}
@@ -622,6 +661,19 @@ def load_image(path, image_size):
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise PipelineError(f"cannot read image {path}: {error}") from error
     return image.resize((image_size, image_size), Image.BICUBIC)
+
+
+def thumbnail_data_uri(path, image_size, side=256):
+    """The image as the model saw it, small enough to embed in a page."""
+    thumbnail = load_image(path, image_size)
+    thumbnail.thumbnail((side, side))
+    buffer = io.BytesIO()
+    thumbnail.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def caption_cell(caption):
+    return html.escape(caption) if caption else "<span class='empty'>(empty caption)</span>"
 
 
 def build_messages(image, prompt, caption=None):
@@ -724,9 +776,9 @@ def load_model_and_processor(model, on_device=False, dtype=None):
 
 
 def caption_files(model, processor, paths, image_size, prompt, max_new_tokens, batch_size, description="captioning",
-                  show_progress=True):
+                  show_progress=True, skipped=None):
     """[(path, caption)] for every image that loads, read batch by batch as the model needs them rather than all
-    first; each one that does not load is named and skipped."""
+    first; each one that does not load is named and skipped (and added to the list skipped, if given, with why)."""
     from tqdm import tqdm
 
     captioned = []
@@ -739,6 +791,8 @@ def caption_files(model, processor, paths, image_size, prompt, max_new_tokens, b
                     loaded.append((path, load_image(path, image_size)))
                 except PipelineError as error:
                     progress.write(f"skipped: {error}")
+                    if skipped is not None:
+                        skipped.append((path, str(error)))
             captions = generate_captions(model, processor, [image for _, image in loaded], prompt, max_new_tokens,
                                          batch_size, show_progress=False) if loaded else []
             captioned += [(path, caption) for (path, _), caption in zip(loaded, captions)]

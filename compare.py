@@ -7,7 +7,6 @@ Captions every image with the base model and with the adapter (same prompt, imag
 scores both against all reference captions of each image with the COCO caption metrics (pycocoevalcap: BLEU-1..4,
 METEOR, ROUGE-L, CIDEr-D, SPICE), prints a table, and writes metrics.json and a self-contained report.html.
 """
-import base64
 import contextlib
 import hashlib
 import html
@@ -22,18 +21,18 @@ import time
 from tqdm import tqdm
 
 from captioning import (
+    BaseAndFineTuned,
     PipelineError,
     atomic_write,
-    caption_files,
+    caption_cell,
     hold,
-    load_image,
-    load_model_and_processor,
     parse_settings,
     read_conversations,
     require_positive,
     run_script,
     start_swanlab,
     stop_if_disk_full,
+    thumbnail_data_uri,
     swanlab_run_mode,
     trained_adapter,
     write_json,
@@ -202,19 +201,6 @@ def metrics_table(metrics, skipped, approximate=None):
     return "\n".join(lines + ([f"scores {approximate}"] if approximate else []))
 
 
-def thumbnail_data_uri(path, image_size, side=256):
-    """The image as the model saw it, small enough to embed in the report."""
-    thumbnail = load_image(path, image_size)
-    thumbnail.thumbnail((side, side))
-    buffer = io.BytesIO()
-    thumbnail.save(buffer, format="JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def caption_cell(caption):
-    return html.escape(caption) if caption else "<span class='empty'>(empty caption)</span>"
-
-
 def html_report(rows, metrics, skipped, title, approximate=None):
     """One self-contained page: the metrics table, then each image with its references and both captions."""
     escape = html.escape
@@ -256,20 +242,14 @@ ul {{ margin: 0; padding-left: 1.2em; }}
 
 # ----------------------------------------------------------------------------- main
 
-def caption_with_both_models(cfg, run_config, checkpoint_dir, paths):
-    """({"base": {path: caption}, "fine_tuned": ...}, seconds each took): the base model is the adapter switched off,
-    so nothing is loaded twice."""
-    from peft import PeftModel
-
-    base_model, processor = load_model_and_processor(cfg.model or run_config["model"], on_device=True)
-    lora_model = PeftModel.from_pretrained(base_model, checkpoint_dir).eval()
+def caption_with_both_models(cfg, checkpoint_dir, paths):
+    """({"base": {path: caption}, "fine_tuned": ...}, seconds each took)."""
+    models = BaseAndFineTuned(cfg.model, checkpoint_dir, cfg.output_dir)
     captions, seconds = {}, {}
     for key, label in MODELS.items():
         start = time.perf_counter()
-        with lora_model.disable_adapter() if key == "base" else contextlib.nullcontext():
-            captions[key] = dict(caption_files(lora_model, processor, paths, run_config["image_size"],
-                                               run_config["prompt"], cfg.max_new_tokens, cfg.batch_size,
-                                               description=f"captioning with the {label}"))
+        captions[key] = dict(models.caption(key, paths, cfg.max_new_tokens, cfg.batch_size,
+                                            description=f"captioning with the {label}"))
         seconds[key] = time.perf_counter() - start
     return captions, seconds
 
@@ -299,7 +279,7 @@ def evaluate(cfg, mode, checkpoint_dir, run_config, report_dir):
     if approximate:
         print(f"scores will be {approximate}; METEOR and SPICE need Java and are skipped")
 
-    captions, seconds = caption_with_both_models(cfg, run_config, checkpoint_dir, list(references))
+    captions, seconds = caption_with_both_models(cfg, checkpoint_dir, list(references))
     paths = list(captions["base"])
     if not paths:
         raise PipelineError(f"none of the images in {eval_json} could be read")

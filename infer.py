@@ -13,18 +13,16 @@ import json
 import os
 
 from captioning import (
-    RUN_CONFIG,
     PipelineError,
     atomic_write,
     caption_files,
     load_model_and_processor,
     parse_settings,
     read_conversations,
-    read_run_config,
     require_positive,
     run_script,
     stop_if_disk_full,
-    trained_adapter,
+    trained_model,
 )
 
 # ----------------------------------------------------------------------------- settings
@@ -53,11 +51,7 @@ def expand_images(spec):
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
     require_positive(cfg, "batch_size", "max_new_tokens")
-    merged = cfg.model and not cfg.checkpoint and os.path.isfile(os.path.join(cfg.model, RUN_CONFIG))
-    if merged:  # a model written by merge.py: the adapter is already folded in
-        checkpoint_dir, run_config = None, read_run_config(cfg.model)
-    else:
-        checkpoint_dir, run_config = trained_adapter(cfg.checkpoint, cfg.output_dir)
+    checkpoint_dir, run_config, base = trained_model(cfg.model, cfg.checkpoint, cfg.output_dir)
     if cfg.images:
         image_paths = expand_images(cfg.images)
     else:
@@ -68,14 +62,13 @@ def main(argv=()):
         raise PipelineError(f"none of the {len(image_paths)} images could be read: {', '.join(image_paths[:3])} "
                             "not found")
 
-    base = cfg.model or run_config["model"]
     model, processor = load_model_and_processor(base, on_device=True)
     if checkpoint_dir:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, checkpoint_dir)
     model.eval()
-    used = checkpoint_dir or cfg.model
+    used = checkpoint_dir or base
     print(f"captioning {len(image_paths)} images with {used} (prompt {run_config['prompt']!r}, "
           f"{run_config['image_size']}x{run_config['image_size']})")
     captioned = caption_files(model, processor, image_paths, run_config["image_size"], run_config["prompt"],

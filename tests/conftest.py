@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -72,6 +73,10 @@ def family_side(family_model):
     from captioning import model_family
 
     return 2 * model_family(family_model).side_multiple
+
+
+def chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def start_and_wait_for(command, appears, cwd, timeout=300, **popen_kwargs):

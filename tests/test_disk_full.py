@@ -55,7 +55,7 @@ def test_train_infer_merge_and_compare(tmp_path, tiny_model):
 
     full = run("train.py", *settings, cwd=tmp_path, disk_full_at=("*/data_vl_train.json.part", 0))
     assert full.returncode == 1 and full.stderr.strip().splitlines()[-1] == (
-        f"error: the disk is full: [Errno 28] No space left on device. Free some space on it and run the same "
+        "error: the disk is full: [Errno 28] No space left on device. Free some space on it and run the same "
         "command again"), full.stderr[-3000:]
 
     full = run("train.py", *settings, cwd=tmp_path, disk_full_at=(f"{output}/checkpoint-4/optimizer.pt", 0))

@@ -2,9 +2,10 @@
 import glob
 import json
 import os
-import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -12,7 +13,7 @@ from PIL import Image
 
 import train
 from captioning import parse_settings
-from conftest import COLOR_CAPTIONS, make_imagefolder, run, transformers_release
+from conftest import REPO, COLOR_CAPTIONS, chromium, make_imagefolder, run, transformers_release
 from tiny_qwen2vl import BUILDERS
 
 TRAINED = ["red", "green", "blue", "yellow"]  # the last two colours, white and black, are held out (test_size=2)
@@ -230,10 +231,6 @@ def test_merged_model_captions_full_size_images_in_older_transformers(trained_ru
     assert client["model"] == client["pipeline"] == COLOR_CAPTIONS["red"]
 
 
-def chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(not chromium(), reason="Chromium is not installed: .ci/run installs it")
 def test_compare_scores_base_and_fine_tuned_and_writes_a_report_that_renders(trained_run, tmp_path):
     work, _ = trained_run
@@ -298,3 +295,63 @@ def test_a_newer_family_runs_the_four_steps_learns_its_captions_and_merges(famil
     metrics = json.loads((tmp_path / "output" / "Qwen2-VL-2B" / "eval" / "metrics.json").read_text())
     assert len(metrics["images"]) == 2 and metrics["metrics"]["fine_tuned"]["BLEU-1"] is not None
     assert metrics["approximate"].startswith("approximate: --java=never, so BLEU, ROUGE-L and CIDEr-D use a Python")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.skipif(not chromium(), reason="Chromium is not installed: .ci/run installs it")
+def test_demo_page_captions_uploads_in_a_browser_as_infer_does(trained_run, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    work, _ = trained_run
+    images = [str(work / "coco_2014_caption" / f"{color}.jpg") for color in ("red", "white")]
+    (tmp_path / "notes.txt").write_text("not an image")
+    check(run("infer.py", f"--images={','.join(images)}", "--max_new_tokens=16",
+                         f"--output_path={tmp_path}/predictions.jsonl", cwd=work))
+    expected = {os.path.basename(record["image_path"]): record["caption"]
+                for record in map(json.loads, open(tmp_path / "predictions.jsonl"))}
+
+    port = free_port()
+    demo = subprocess.Popen([sys.executable, os.path.join(REPO, "demo.py"), f"--port={port}", "--max_new_tokens=16"],
+                            cwd=work, stdout=open(tmp_path / "demo.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            wait_for_page(page, f"http://127.0.0.1:{port}", demo, tmp_path / "demo.log")
+            page.set_input_files("#images input[type=file]", [*images, str(tmp_path / "notes.txt")])
+            page.wait_for_function(  # the uploads are listed (name, then extension) once they reached the server
+                "document.querySelector('#images').innerText.split('.txt').length == 2", timeout=120_000)
+            page.click("#caption")
+            page.get_by_text("Skipped notes.txt: not an image that can be read.").wait_for(timeout=120_000)
+            page.locator("#captions td.fine_tuned").nth(1).wait_for(timeout=120_000)
+            rows = page.locator("#captions tr").all()[1:]
+            shown = {row.locator("td.file").inner_text(): (row.locator("td.base").inner_text(),
+                                                            row.locator("td.fine_tuned").inner_text()) for row in rows}
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.terminate()
+        demo.wait(timeout=60)
+    assert {name: fine_tuned for name, (_, fine_tuned) in shown.items()} == expected
+    assert shown["red.jpg"][1] == COLOR_CAPTIONS["red"] and all(base for base, _ in shown.values())  # or "(empty caption)"
+    with Image.open(tmp_path / "demo.png") as screenshot:
+        assert screenshot.width == 1200
+    print(f"screenshot: {tmp_path / 'demo.png'}")
+
+
+def wait_for_page(page, url, server, log, timeout=180):
+    """Open url once the server answers (the demo loads the models first)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            page.goto(url)
+            return
+        except Exception:
+            if server.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"the demo did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)

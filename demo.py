@@ -1,0 +1,84 @@
+"""Try it: a local web page where you drop your own photos and see the base model's caption beside the fine-tuned one.
+
+    python demo.py                                     # newest adapter in output_dir, at http://127.0.0.1:7860
+    python demo.py --checkpoint=output/Qwen2-VL-2B/checkpoint-100
+    python demo.py --model=output/Qwen2-VL-2B-merged   # a merged model from merge.py, beside the model it came from
+
+Captions greedily with training's prompt and image size (run_config.json), exactly as infer.py does. The page is
+served by Gradio on this machine only; --host=0.0.0.0 opens it to others on your network.
+"""
+import html
+import os
+
+from captioning import (BaseAndFineTuned, PipelineError, caption_cell, parse_settings, require_positive, run_script,
+                        thumbnail_data_uri)
+
+# ----------------------------------------------------------------------------- settings
+output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters
+checkpoint = ""  # adapter folder; empty: the newest trained adapter under output_dir
+model = ""  # base model for the adapter (empty: the one training used), or a folder written by merge.py
+host = "127.0.0.1"  # 0.0.0.0: reachable from other machines too
+port = 7860
+batch_size = 8
+max_new_tokens = 128
+debug = False  # show the full traceback of a failure
+# -----------------------------------------------------------------------------
+
+MODELS = {"base": "base model", "fine_tuned": "fine-tuned"}
+
+
+def side_by_side(models, paths, image_size):
+    """An HTML table: each image as the model saw it, with the base and the fine-tuned caption."""
+    rows = "".join(
+        f"<tr><td><img src='{thumbnail_data_uri(path, image_size, side=160)}'></td>"
+        f"<td class='file'>{html.escape(os.path.basename(path))}</td>"
+        + "".join(f"<td class='{key}'>{caption_cell(captions[path])}</td>" for key, captions in models.items())
+        + "</tr>"
+        for path in models["fine_tuned"]
+    )
+    header = "".join(f"<th>{label}</th>" for label in MODELS.values())
+    return f"<table class='captions'><tr><th>image</th><th>file</th>{header}</tr>{rows}</table>"
+
+
+def page(cfg, models):
+    import gradio as gr
+
+    settings = models.run_config
+    def caption_uploads(files, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio reads the default)
+        paths = list(files or [])
+        if not paths:
+            raise gr.Error("Drop or pick one or more images first.")
+        skipped = []
+        captions = {key: dict(models.caption(key, paths, cfg.max_new_tokens, cfg.batch_size, skipped=skipped,
+                                             description=f"captioning with the {label}"))
+                    for key, label in MODELS.items()}
+        not_images = sorted({os.path.basename(path) for path, _ in skipped})
+        if not_images:
+            gr.Warning(f"Skipped {', '.join(not_images)}: not an image that can be read.")
+        if not captions["fine_tuned"]:
+            raise gr.Error(f"None of the files is an image that can be read: {', '.join(not_images)}.")
+        return side_by_side(captions, paths, settings["image_size"])
+
+    with gr.Blocks(title="Base vs fine-tuned captions", analytics_enabled=False) as blocks:
+        gr.Markdown(
+            f"## Base vs fine-tuned captions\nFine-tuned: `{models.names['fine_tuned']}` · base: "
+            f"`{models.names['base']}` · prompt `{settings['prompt']}` · images resized to "
+            f"{settings['image_size']}x{settings['image_size']}, as in training")
+        files = gr.File(label="Drop or pick images", file_count="multiple", elem_id="images")
+        button = gr.Button("Caption", variant="primary", elem_id="caption")
+        table = gr.HTML(elem_id="captions")
+        button.click(caption_uploads, inputs=files, outputs=table)
+    return blocks
+
+
+def main(argv=()):
+    cfg = parse_settings(globals(), argv)
+    require_positive(cfg, "batch_size", "max_new_tokens")
+    if not 0 < cfg.port < 65536:
+        raise PipelineError(f"--port={cfg.port}: use a port number from 1 to 65535")
+    models = BaseAndFineTuned(cfg.model, cfg.checkpoint, cfg.output_dir)
+    page(cfg, models).launch(server_name=cfg.host, server_port=cfg.port, show_error=True)
+
+
+if __name__ == "__main__":
+    run_script(main)
