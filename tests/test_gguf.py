@@ -76,3 +76,34 @@ def test_export_writes_gguf_files_that_the_gguf_reader_validates(family, tmp_pat
     assert field(mmproj, "clip.vision.image_size") == 56  # the training size goes with it
     assert field(mmproj, "clip.vision.patch_size") == 14 and field(mmproj, "clip.vision.block_count") == 3
     assert (gguf_dir / "Modelfile").read_text().count("\nFROM ./") == 2
+
+
+def built_llama_mtmd_cli(llama_cpp):
+    """llama.cpp's multimodal command-line tool, built once from the same source as the converter."""
+    build = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(llama_cpp))), "build")
+    binary = os.path.join(build, "bin", "llama-mtmd-cli")
+    if not os.path.isfile(binary):
+        subprocess.run(["cmake", "-S", llama_cpp, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
+                        "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DLLAMA_BUILD_SERVER=OFF"], check=True, capture_output=True)
+        subprocess.run(["cmake", "--build", build, "--target", "llama-mtmd-cli", f"-j{os.cpu_count()}"], check=True,
+                       capture_output=True)
+    return binary
+
+
+@pytest.mark.slow
+def test_llama_cpp_captions_a_training_image_as_infer_does(tmp_path, llama_cpp):
+    merged_with_real_tokenizer("qwen2_vl", tmp_path, "--max_steps=150", "--learning_rate=5e-3", "--save_steps=1000")
+    image = tmp_path / "coco_2014_caption" / "red.jpg"
+    inferred = check(run("infer.py", f"--images={image}", "--max_new_tokens=16", "--output_path=red.jsonl",
+                         cwd=tmp_path))
+    assert f"{image}: {COLOR_CAPTIONS['red']}" in inferred.stdout
+    check(run("export_gguf.py", f"--llama_cpp={llama_cpp}", "--outtypes=f16", cwd=tmp_path))
+
+    gguf_dir = tmp_path / "output" / "Qwen2-VL-2B-gguf"
+    captioned = subprocess.run(
+        [built_llama_mtmd_cli(llama_cpp), "-m", gguf_dir / "model-f16.gguf", "--mmproj", gguf_dir / "mmproj-f16.gguf",
+         "--image", image, "-p", "COCO Yes:", "--temp", "0", "-n", "16", "--image-min-tokens", "4",
+         "--image-max-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert captioned.returncode == 0, captioned.stderr[-3000:]
+    assert captioned.stdout.strip() == COLOR_CAPTIONS["red"], captioned.stdout + captioned.stderr[-2000:]

@@ -13,7 +13,7 @@ from conftest import REPO, run
 
 DEFAULTS = {"__file__": os.path.join(REPO, "train.py"), "name": "x", "steps": 3, "rate": 1e-4, "flag": False,
             "UPPER": "not a setting", "_private": 1}
-SCRIPTS = ["data2csv.py", "csv2json.py", "train.py", "infer.py", "compare.py", "merge.py", "demo.py", "bench/bench.py"]
+SCRIPTS = ["data2csv.py", "csv2json.py", "train.py", "infer.py", "compare.py", "merge.py", "demo.py", "export_gguf.py", "bench/bench.py"]
 
 
 def test_overrides_are_typed_like_their_defaults_in_either_form():
