@@ -314,7 +314,7 @@ def fetch_images_and_write_csv(cfg):
 
 def write_csv(path, rows):
     """The CSV, written whole or not at all."""
-    size = sum(len(",".join(row.values()).encode()) + 2 for row in rows)  # about: the quotes some captions need aside
+    size = sum(len(",".join(map(str, row.values())).encode()) + 2 for row in rows)  # about: quoting aside
     with stop_if_disk_full(os.path.dirname(os.path.abspath(path)), path, size, setting="csv_path",
                            then="the images are all saved, so it writes the CSV at once"), \
             atomic_write(path, encoding="utf-8", newline="") as file:
