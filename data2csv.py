@@ -5,8 +5,9 @@
     python data2csv.py --source=hf:<dataset id>         # a Hugging Face hub dataset
     python data2csv.py --source=path/to/imagefolder     # images + metadata.jsonl or metadata.csv
 
-Writes image_dir/{image_id}.jpg (RGB JPEG, each image once) and csv_path with columns image_path, caption,
-image_id (one row per caption). Re-running resumes: images already on disk are not fetched again.
+Writes image_dir/{image_id}.jpg (RGB JPEG, each image once; `workers` fetched at a time) and csv_path with columns
+image_path, caption, image_id (one row per caption, in source order). Re-running resumes: images already on disk are
+not fetched again.
 """
 import csv
 import glob
@@ -19,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, NamedTuple
 
 from PIL import Image
@@ -29,7 +31,7 @@ from captioning import (PipelineError, atomic_write, hold, is_disk_full, parse_s
 
 # ----------------------------------------------------------------------------- settings
 source = "modelscope"  # modelscope | coco | hf:<dataset id> | path to a local imagefolder
-max_data_number = 500  # how many image/caption rows to take from the start of the source
+max_data_number = 500  # how many image/caption rows to take from the start of the source; -1: all of them
 all_captions = False  # true: max_data_number counts images instead, each with all its captions (evaluation sets)
 image_dir = "coco_2014_caption"  # images are saved here as {image_id}.jpg
 csv_path = "coco-2024-dataset.csv"
@@ -43,7 +45,8 @@ image_column = "image"  # column names of a hub dataset
 caption_column = "caption"
 image_id_column = "image_id"  # optional: the row number is used when a dataset has no such column
 timeout = 30  # seconds before one HTTP request is given up
-retries = 3  # further tries of a failed HTTP request, waiting 1 s, 2 s, 4 s, ... in between
+retries = 3  # further tries of a failed HTTP request, waiting 1 s, 2 s, 4 s, ... (or the server's Retry-After)
+workers = 16  # images fetched at once (connections to the image host); 1: one at a time
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
@@ -129,8 +132,10 @@ def hub_rows(cfg, dataset_id):
                     f"{', '.join(item)}: set --image_column and --caption_column"
                 )
             image_id = item.get(cfg.image_id_column, index)
+            image = item[cfg.image_column]
+            fetch_image = (lambda url=image: http_get(url, cfg)) if isinstance(image, str) else lambda image=image: image
             for caption in as_caption_list(item[cfg.caption_column]):
-                yield Row(image_id, caption, lambda image=item[cfg.image_column]: image)
+                yield Row(image_id, caption, fetch_image)
     except PipelineError:
         raise
     except Exception as error:
@@ -194,11 +199,11 @@ def http_get(url, cfg):
         except urllib.error.HTTPError as error:
             if error.code < 500 and error.code != 429:
                 raise ImageUnavailable(f"HTTP {error.code} for {url}") from error
-            problem = f"HTTP {error.code}"
+            problem, asked = f"HTTP {error.code}", error.headers.get("Retry-After", "")
         except (urllib.error.URLError, OSError) as error:
-            problem = str(getattr(error, "reason", error))
-        if attempt < cfg.retries:
-            time.sleep(2**attempt)
+            problem, asked = str(getattr(error, "reason", error)), ""
+        if attempt < cfg.retries:  # as long as the server asks (in seconds), within a minute
+            time.sleep(min(float(asked), 60) if asked.strip().isdigit() else 2**attempt)
     raise ImageUnavailable(f"{url} failed {cfg.retries + 1} times, last with {problem}")
 
 
@@ -259,57 +264,101 @@ def image_file_name(image_id):
 
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
-    require_positive(cfg, "max_data_number", "max_image_side")
+    require_positive(cfg, "max_image_side", "workers")
+    if cfg.max_data_number == 0 or cfg.max_data_number < -1:
+        raise PipelineError(f"--max_data_number={cfg.max_data_number}: give a positive number, or -1 for every row")
     with hold(cfg.image_dir), hold(cfg.csv_path):  # one run per image folder and CSV at a time
         fetch_images_and_write_csv(cfg)
 
 
 def fetch_images_and_write_csv(cfg):
-    """Each row's image saved once into image_dir (resuming: the ones already there are kept), then the CSV."""
+    """Each row's image saved once into image_dir, up to `workers` at a time (resuming: the ones already there are
+    kept), then the CSV with the rows in source order."""
     os.makedirs(cfg.image_dir, exist_ok=True)
     for leftover in glob.glob(os.path.join(cfg.image_dir, "*.part")):
         os.remove(leftover)  # a write that an earlier run did not finish
 
-    rows, failed, fetched, reused, empty_captions = [], {}, set(), set(), 0
-    progress = tqdm(take(open_source(cfg), cfg), total=None if cfg.all_captions else cfg.max_data_number, unit="row")
-    with stop_if_disk_full(cfg.image_dir, "the images", lambda: space_for_the_rest(cfg, progress.n, fetched | reused),
-                           setting="image_dir", then="the images saved so far are kept and not fetched again"):
+    rows, empty_captions = [], 0
+    images = ImageFetches(cfg)
+    progress = tqdm(take(open_source(cfg), cfg), total=cfg.max_data_number if cfg.max_data_number > 0 and not
+                    cfg.all_captions else None, unit="row")
+    with stop_if_disk_full(cfg.image_dir, "the images", lambda: space_for_the_rest(cfg, progress.n, images.saved()),
+                           setting="image_dir", then="the images saved so far are kept and not fetched again"), images:
         for row in progress:
             caption = str(row.caption or "").strip()
             if not caption:
                 empty_captions += 1
                 continue
-            if row.image_id in failed:
-                continue
-            image_path = os.path.abspath(os.path.join(cfg.image_dir, image_file_name(row.image_id)))
-            if image_path not in fetched and image_path not in reused:
-                if os.path.exists(image_path):
-                    reused.add(image_path)
-                else:
-                    try:
-                        save_rgb_jpeg(row.fetch_image(), image_path, cfg.max_image_side)
-                    except (ImageUnavailable, OSError) as error:
-                        if is_disk_full(error):
-                            raise
-                        failed[row.image_id] = str(error)
-                        continue
-                    fetched.add(image_path)
-                progress.set_postfix(images=len(fetched) + len(reused), fetched=len(fetched))
+            image_path = images.fetch(row)
             rows.append({"image_path": image_path, "caption": caption, "image_id": row.image_id})
+            progress.set_postfix(images=len(images.fetched) + len(images.reused), fetched=len(images.fetched),
+                                 refresh=False)
     progress.close()
+    rows = [row for row in rows if row["image_id"] not in images.failed]
 
     if empty_captions:
         print(f"skipped {empty_captions} rows with an empty caption")
     if not rows:
-        reason = summary(failed) if failed else "the source gave no row with a caption"
+        reason = summary(images.failed) if images.failed else "the source gave no row with a caption"
         raise PipelineError(f"no image/caption pair could be saved from {cfg.source}: {reason}")
     write_csv(cfg.csv_path, rows)
     print(
-        f"wrote {len(rows)} rows to {cfg.csv_path}: {len(fetched) + len(reused)} images in {cfg.image_dir} "
-        f"({len(fetched)} fetched now, {len(reused)} already there)"
+        f"wrote {len(rows)} rows to {cfg.csv_path}: {len(images.fetched) + len(images.reused)} images in "
+        f"{cfg.image_dir} ({len(images.fetched)} fetched now, {len(images.reused)} already there)"
     )
-    if failed:
-        print(f"skipped {len(failed)} images: {summary(failed)}; run again to retry them")
+    if images.failed:
+        print(f"skipped {len(images.failed)} images: {summary(images.failed)}; run again to retry them")
+
+
+class ImageFetches:
+    """The images of the rows, each fetched and saved once, `workers` at a time: a few rows ahead of the CSV at most,
+    so memory stays bounded whatever the number of rows."""
+
+    def __init__(self, cfg):
+        self.cfg, self.running = cfg, {}  # image path -> (image id, future)
+        self.fetched, self.reused, self.failed = set(), set(), {}  # failed: image id -> why
+        self.pool = ThreadPoolExecutor(cfg.workers)
+
+    def fetch(self, row):
+        """The path row's image is (or will be) saved at."""
+        path = os.path.abspath(os.path.join(self.cfg.image_dir, image_file_name(row.image_id)))
+        if path in self.fetched or path in self.reused or path in self.running or row.image_id in self.failed:
+            return path
+        if os.path.exists(path):
+            self.reused.add(path)
+            return path
+        future = self.pool.submit(lambda: save_rgb_jpeg(row.fetch_image(), path, self.cfg.max_image_side))
+        self.running[path] = (row.image_id, future)
+        if len(self.running) >= 2 * self.cfg.workers:  # read further rows once one of these is done
+            self.collect(wait(self.futures(), return_when=FIRST_COMPLETED).done)
+        return path
+
+    def futures(self):
+        return [future for _, future in self.running.values()]
+
+    def collect(self, done):
+        for path, (image_id, future) in list(self.running.items()):
+            if future not in done:
+                continue
+            del self.running[path]
+            try:
+                future.result()
+                self.fetched.add(path)
+            except (ImageUnavailable, OSError) as error:
+                if is_disk_full(error):
+                    raise
+                self.failed[image_id] = str(error)
+
+    def saved(self):
+        return self.fetched | self.reused
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, error_type, error, traceback):
+        if error_type is None:
+            self.collect(wait(self.futures()).done)
+        self.pool.shutdown(wait=True, cancel_futures=True)  # on a failure, the fetches not started are dropped
 
 
 def write_csv(path, rows):
@@ -327,6 +376,8 @@ def space_for_the_rest(cfg, rows_taken, images):
     """About the bytes that the images still to fetch take: as many more images per row as so far, each of the mean
     size so far (or a COCO image's, about 160 KB)."""
     mean_size = sum(map(os.path.getsize, images)) / len(images) if images else 160_000
+    if cfg.max_data_number < 0:  # all rows: how many are left is not known
+        return mean_size
     if cfg.all_captions:
         return (cfg.max_data_number - len(images)) * mean_size
     return (cfg.max_data_number - rows_taken) * len(images) / max(rows_taken, 1) * mean_size + mean_size
@@ -335,7 +386,7 @@ def space_for_the_rest(cfg, rows_taken, images):
 def take(rows, cfg):
     """The first max_data_number rows, or with all_captions every row of the first max_data_number images."""
     if not cfg.all_captions:
-        yield from itertools.islice(rows, cfg.max_data_number)
+        yield from itertools.islice(rows, cfg.max_data_number if cfg.max_data_number > 0 else None)
         return
     images = set()
     for row in rows:

@@ -1,6 +1,5 @@
 """Shared test fixtures: a tiny Qwen2-VL, synthetic images, a local HTTP server, and a way to run the scripts."""
 import csv
-import http.server
 import io
 import json
 import os
@@ -8,14 +7,13 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import zipfile
-from collections import Counter
 
 import pytest
 from PIL import Image, ImageColor
 
+from file_server import FileServer
 from tiny_qwen2vl import BUILDERS, build_tiny_qwen2vl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,50 +185,6 @@ class FakeMsDataset:
         if self.broken_from is not None and index >= self.broken_from:
             raise FileNotFoundError("/root/.cache/modelscope/hub/datasets/coco/2014/train2014")  # as upstream fails
         return self.rows[index]
-
-
-class FileServer:
-    """A local HTTP server on 127.0.0.1 serving bytes by path, counting requests.
-
-    `failures[path]` is a list of HTTP status codes answered before the real file; `hold` is a set of paths whose
-    requests wait until `release` is set.
-    """
-
-    def __init__(self):
-        self.files, self.failures, self.hold = {}, {}, set()
-        self.requests = Counter()
-        self.release = threading.Event()
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                server.requests[self.path] += 1
-                if self.path in server.hold:
-                    server.release.wait(timeout=60)
-                failures = server.failures.get(self.path)
-                if failures:
-                    self.send_error(failures.pop(0))
-                elif self.path in server.files:
-                    body = server.files[self.path]
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                else:
-                    self.send_error(404)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

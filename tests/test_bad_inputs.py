@@ -53,8 +53,8 @@ def test_killed_run_resumes_without_refetching_or_half_written_files(tmp_path, f
     file_server.hold.add(held)  # the download of image 4 hangs until the run is killed
     process = subprocess.Popen([sys.executable, os.path.join(REPO, "data2csv.py"), *coco_args(tmp_path, url)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while file_server.requests[held] == 0 and time.time() < deadline:
+    deadline = time.time() + 60  # the images are fetched at once: wait for the others to be saved
+    while (file_server.requests[held] == 0 or len(glob.glob(f"{tmp_path}/images/*.jpg")) < 3) and time.time() < deadline:
         time.sleep(0.05)
     assert file_server.requests[held] == 1
     process.send_signal(signal.SIGKILL)

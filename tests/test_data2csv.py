@@ -1,12 +1,16 @@
 """data2csv.py: every source, RGB JPEG output, resume after a kill, and captions that survive the CSV."""
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 from PIL import Image
 
 import data2csv
 from captioning import PipelineError
-from conftest import COCO_CAPTIONS, COCO_IMAGES, FakeMsDataset, coco_args, make_imagefolder, read_csv, serve_coco
+from conftest import (REPO, COCO_CAPTIONS, COCO_IMAGES, FakeMsDataset, coco_args, jpeg_bytes, make_imagefolder, read_csv,
+                      serve_coco)
 
 
 def test_coco_source_fetches_only_needed_images_as_rgb_jpeg(tmp_path, file_server):
@@ -112,3 +116,50 @@ def test_all_captions_takes_whole_images_for_evaluation_sets(tmp_path, file_serv
     assert [(row["image_id"], row["caption"]) for row in read_csv(tmp_path / "data.csv")] == [
         ("1", "one a"), ("1", "one b"), ("1", "one c"), ("2", "two a"), ("2", "two b")]
     assert file_server.requests["/val2014/COCO_val2014_000000000003.jpg"] == 0
+
+
+def many_coco_images(file_server, count):
+    """count distinct RGB and grayscale JPEGs, two captions each, served COCO-style."""
+    images = {number: jpeg_bytes("L", number * 5 % 256) if number % 3 == 0 else
+              jpeg_bytes("RGB", (number * 7 % 256, number * 13 % 256, 90)) for number in range(1, count + 1)}
+    captions = [(number, f"image {number}, caption {which}") for number in images for which in (1, 2)]
+    return serve_coco(file_server, images, captions)
+
+
+def test_concurrent_fetch_writes_what_one_connection_writes(tmp_path, file_server):
+    url = many_coco_images(file_server, 40)
+    data2csv.main(coco_args(tmp_path / "one", url, "--workers=1", "--max_data_number=-1"))
+    data2csv.main(coco_args(tmp_path / "many", url, "--workers=8", "--max_data_number=-1"))
+    one, many = (read_csv(tmp_path / run / "data.csv") for run in ("one", "many"))
+    assert len(one) == 80 and [(row["image_id"], row["caption"]) for row in one] == \
+        [(row["image_id"], row["caption"]) for row in many]  # every row, in source order
+    assert sorted(os.listdir(tmp_path / "one" / "images")) == sorted(os.listdir(tmp_path / "many" / "images"))
+    for name in os.listdir(tmp_path / "one" / "images"):
+        assert (tmp_path / "one" / "images" / name).read_bytes() == (tmp_path / "many" / "images" / name).read_bytes()
+    assert max(count for path, count in file_server.requests.items() if path.endswith(".jpg")) == 2  # once a run
+
+
+def test_fetches_run_workers_at_a_time(tmp_path, file_server):
+    url = many_coco_images(file_server, 12)
+    images = [path for path in file_server.files if path.endswith(".jpg")]
+    file_server.hold.update(images)  # every image download waits until released
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "data2csv.py"),
+                                *coco_args(tmp_path, url, "--workers=4", "--max_data_number=-1")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while sum(file_server.requests[path] for path in images) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # time enough for a fifth connection, were one allowed
+    assert sum(file_server.requests[path] for path in images) == 4
+    file_server.release.set()
+    assert process.wait(timeout=60) == 0 and len(os.listdir(tmp_path / "images")) == 12
+
+
+def test_a_busy_host_is_retried_after_the_wait_it_asks_for(tmp_path, file_server):
+    url = serve_coco(file_server, COCO_IMAGES, COCO_CAPTIONS)
+    busy = "/train2014/COCO_train2014_000000000002.jpg"
+    file_server.failures[busy] = [(429, {"Retry-After": "2"}), 503]
+    start = time.perf_counter()
+    data2csv.main(coco_args(tmp_path, url))
+    assert file_server.requests[busy] == 3 and time.perf_counter() - start >= 2 + 2  # Retry-After, then 2 s (2nd try)
+    assert len(read_csv(tmp_path / "data.csv")) == 5
