@@ -37,6 +37,11 @@ caption_images = 16
 max_new_tokens = 24
 model_size = "auto"  # auto: 2b on CUDA, small on CPU | 2b (Qwen2-VL-2B's shape) | qwen2.5-vl-3b | qwen3-vl-2b | small
 output = "bench/results.json"
+data_rows = ""  # e.g. 1000,10000,100000: measure the data steps at those row counts instead, and fetching
+fetch_images = 200  # the data part: images fetched from a local host, with one connection and with fetch_workers
+fetch_workers = 16
+fetch_latency = 0.1  # seconds that host waits before each answer: a round trip to a distant image host
+data_output = "bench/data_results.json"
 part = ""  # internal: the one measurement a child process runs
 work_dir = ""  # internal: the shared data folder
 debug = False  # show the full traceback of a failure
@@ -334,8 +339,24 @@ def measure_captioning(cfg, path_name):
             "captions": captions}
 
 
+def measure_training_set(cfg, _):
+    """Building train.py's training set from data_vl.json, every caption tokenised: time and peak RSS. The processor
+    is the small model's (its tokenizer is the tests' small one), built here first."""
+    from transformers import AutoProcessor
+
+    from tiny_qwen2vl import BUILDERS
+
+    size = SIZES["small"]
+    BUILDERS[size["family"]](os.path.join(cfg.work_dir, "model"), text=size["text"], vision=size["vision"],
+                             vocab_size=size["vocab_size"])
+    processor = AutoProcessor.from_pretrained(os.path.join(cfg.work_dir, "model"))
+    start = time.perf_counter()
+    dataset = project_dataset(cfg, processor, None)
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "samples": len(dataset)}
+
+
 PARTS = {
-    "data/recipe": measure_data, "data/project": measure_data,
+    "data/recipe": measure_data, "data/project": measure_data, "data/training_set": measure_training_set,
     "train/recipe": measure_training, "train/project": measure_training,
     "caption/one_at_a_time": measure_captioning, "caption/batched": measure_captioning,
 }
@@ -343,9 +364,9 @@ PARTS = {
 
 # ----------------------------------------------------------------------------- main
 
-def run_part(name, cfg):
+def run_part(name, cfg, work_dir=None):
     result = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), f"--part={name}", f"--work_dir={cfg.work_dir}",
+        [sys.executable, os.path.abspath(__file__), f"--part={name}", f"--work_dir={work_dir or cfg.work_dir}",
          *(f"--{key}={getattr(cfg, key)}" for key in ("images", "image_size", "epochs", "warmup_steps",
                                                      "caption_images", "max_new_tokens", "model_size"))],
         capture_output=True, text=True)
@@ -392,11 +413,32 @@ def table(results):
     return "\n".join(lines)
 
 
+def measure_data_at_scale(cfg):
+    """The data part (bench/data_scale.py): fetching, and the data steps at each of data_rows. This process imports
+    no torch: a process it starts would count this one's memory at the start into its own peak (Linux's maxrss)."""
+    import data_scale  # beside this script
+
+    try:
+        cfg.data_row_counts = sorted(int(float(rows)) for rows in cfg.data_rows.split(","))
+    except ValueError as error:
+        raise PipelineError(f"--data_rows={cfg.data_rows}: give row counts, e.g. 1000,10000,100000") from error
+    print(f"measuring fetching: {cfg.fetch_images} images, {cfg.fetch_latency} s per answer", flush=True)
+    results = data_scale.measure(cfg, lambda name, work_dir: run_part(name, cfg, work_dir))
+    results["settings"] = {key: getattr(cfg, key) for key in ("data_rows", "fetch_images", "fetch_workers",
+                                                              "fetch_latency", "image_size")}
+    write_json(cfg.data_output, results)
+    print(data_scale.table(results))
+    print(f"wrote {cfg.data_output}")
+
+
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
     if cfg.part:
         print(json.dumps(PARTS[cfg.part](cfg, cfg.part.split("/")[1])))
         return
+    if cfg.data_rows:
+        cfg.image_size = checked_image_size(cfg.image_size, FAMILIES[SIZES["small"]["family"]])
+        return measure_data_at_scale(cfg)
     import torch
     import transformers
 

@@ -147,6 +147,22 @@ def test_the_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
     assert "| training: samples/s" in result.stdout and "captions identical batched and one at a time: yes" in result.stdout
 
 
+def test_the_benchmark_s_data_part_runs_at_a_reduced_size(tmp_path):
+    import json
+
+    from conftest import run
+
+    result = run("bench/bench.py", "--data_rows=100,1000", "--fetch_images=16", "--fetch_latency=0.02",
+                 f"--data_output={tmp_path}/data.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    results = json.loads((tmp_path / "data.json").read_text())
+    assert results["fetch"]["identical"] is True and results["fetch"]["workers"]["workers"] == 16
+    assert [(scale["rows"], scale["images"], scale["training_set"]["samples"]) for scale in results["scale"]] == [
+        (100, 20, 100), (1000, 200, 1000)]  # every row went through data2csv, csv2json and into the training set
+    assert all(scale[step]["peak_rss_mb"] > 0 for scale in results["scale"] for step in ("data2csv", "csv2json"))
+    assert "identical images and CSV: yes" in result.stdout and "| 1000 | 200 |" in result.stdout
+
+
 def test_cached_image_features_give_the_same_loss_and_gradients(dataset, tiny_model, tiny_processor):
     model = lora_model(tiny_model)
     collate = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)
