@@ -101,10 +101,13 @@ def measure_scale(cfg, folder, rows, run_part):
     """data2csv (the images already there), csv2json and the training set, at `rows` captions."""
     images = coco_annotations(os.path.join(folder, "captions_train2014.json"), rows, lambda number: "")
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    with open(os.path.join(folder, "one.jpg"), "wb") as file:
-        file.write(noise_jpeg(0, (64, 48)))
+    jpeg = noise_jpeg(0, (64, 48))
     for number in range(1, images + 1):  # one file under every name: no disk space, nothing to fetch
-        os.link(os.path.join(folder, "one.jpg"), os.path.join(folder, "images", f"{number}.jpg"))
+        source = os.path.join(folder, f"image-{number // 60000}.jpg")  # ext4 links a file 65000 times at most
+        if not os.path.exists(source):
+            with open(source, "wb") as file:
+                file.write(jpeg)
+        os.link(source, os.path.join(folder, "images", f"{number}.jpg"))
     result = {"rows": rows, "images": images}
     for step, command in (
             ("data2csv", script("data2csv.py", "--source=coco", "--coco_annotations=captions_train2014.json",
