@@ -109,6 +109,21 @@ def test_hub_dataset_source_with_a_list_of_captions(tmp_path):
 
 
 
+def test_hub_dataset_whose_image_column_holds_urls_is_fetched(tmp_path, file_server):
+    import datasets
+
+    file_server.files.update({"/a.jpg": COCO_IMAGES[1], "/b.jpg": COCO_IMAGES[2]})
+    file_server.failures["/b.jpg"] = [503]
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"url": [f"{file_server.url}/a.jpg", f"{file_server.url}/b.jpg"],
+                                "caption": ["red", "gray"]}).to_parquet(
+        str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    data2csv.main([f"--source=hf:{tmp_path}/hub", "--image_column=url", f"--image_dir={tmp_path}/images",
+                   f"--csv_path={tmp_path}/data.csv"])
+    assert [row["caption"] for row in read_csv(tmp_path / "data.csv")] == ["red", "gray"]
+    assert (tmp_path / "images" / "0.jpg").read_bytes() == COCO_IMAGES[1] and file_server.requests["/b.jpg"] == 2
+
+
 def test_all_captions_takes_whole_images_for_evaluation_sets(tmp_path, file_server):
     captions = [(1, "one a"), (2, "two a"), (1, "one b"), (3, "three a"), (2, "two b"), (1, "one c")]
     url = serve_coco(file_server, {i: COCO_IMAGES[i] for i in (1, 2, 3)}, captions, split="val")
