@@ -27,14 +27,14 @@ debug = False  # show the full traceback of a failure
 MODELS = {"base": "base model", "fine_tuned": "fine-tuned"}
 
 
-def side_by_side(models, paths, image_size):
+def side_by_side(captions, image_size):
     """An HTML table: each image as the model saw it, with the base and the fine-tuned caption."""
     rows = "".join(
         f"<tr><td><img src='{thumbnail_data_uri(path, image_size, side=160)}'></td>"
         f"<td class='file'>{html.escape(os.path.basename(path))}</td>"
-        + "".join(f"<td class='{key}'>{caption_cell(captions[path])}</td>" for key, captions in models.items())
+        + "".join(f"<td class='{key}'>{caption_cell(captions[key][path])}</td>" for key in MODELS)
         + "</tr>"
-        for path in models["fine_tuned"]
+        for path in captions["fine_tuned"]
     )
     header = "".join(f"<th>{label}</th>" for label in MODELS.values())
     return f"<table class='captions'><tr><th>image</th><th>file</th>{header}</tr>{rows}</table>"
@@ -44,7 +44,8 @@ def page(cfg, models):
     import gradio as gr
 
     settings = models.run_config
-    def caption_uploads(files, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio reads the default)
+
+    def caption_uploads(files, progress=gr.Progress(track_tqdm=True)):  # Gradio shows caption_files' bars
         paths = list(files or [])
         if not paths:
             raise gr.Error("Drop or pick one or more images first.")
@@ -57,7 +58,7 @@ def page(cfg, models):
             gr.Warning(f"Skipped {', '.join(not_images)}: not an image that can be read.")
         if not captions["fine_tuned"]:
             raise gr.Error(f"None of the files is an image that can be read: {', '.join(not_images)}.")
-        return side_by_side(captions, paths, settings["image_size"])
+        return side_by_side(captions, settings["image_size"])
 
     with gr.Blocks(title="Base vs fine-tuned captions", analytics_enabled=False) as blocks:
         gr.Markdown(
