@@ -356,7 +356,7 @@ def measure_training_set(cfg, _):
 
 
 PARTS = {
-    "data/recipe": measure_data, "data/project": measure_data, "data/training_set": measure_training_set,
+    "data/recipe": measure_data, "data/project": measure_data, "scale/training_set": measure_training_set,
     "train/recipe": measure_training, "train/project": measure_training,
     "caption/one_at_a_time": measure_captioning, "caption/batched": measure_captioning,
 }
@@ -460,7 +460,7 @@ def main(argv=()):
                    "settings": {key: getattr(cfg, key) for key in ("images", "image_size", "epochs",
                                                                    "warmup_steps", "caption_images", "max_new_tokens",
                                                                    "model_size")}}
-        for name in PARTS:
+        for name in (name for name in PARTS if not name.startswith("scale/")):  # scale/ parts: --data_rows only
             print(f"measuring {name} ...", flush=True)
             group, path_name = name.split("/")
             results.setdefault(group, {})[path_name] = run_part(name, cfg)

@@ -115,7 +115,7 @@ def measure_scale(cfg, folder, rows, run_part):
             ("csv2json", script("csv2json.py", "--csv_path=data.csv", "--json_path=data_vl.json"))):
         seconds, peak = run_step(command, folder)
         result[step] = {"seconds": seconds, "peak_rss_mb": peak}
-    result["training_set"] = run_part("data/training_set", folder)
+    result["training_set"] = run_part("scale/training_set", folder)
     return result
 
 

@@ -170,8 +170,9 @@ def test_a_wrong_train_setting_stops_before_data_or_model_load(tmp_path, argv, m
     ("compare", ["--java=sometimes"], r"--java=sometimes: use auto or never"),
     ("compare", ["--swanlab_mode=web"], r"--swanlab_mode=web: use auto, cloud"),
     ("merge", ["--dtype=float8"], r"--dtype=float8: use one of auto, bfloat16, float16, float32"),
-    ("data2csv", ["--max_data_number=0"], r"--max_data_number=0: use a positive number"),
-    ("data2csv", ["--workers=2"], r"unknown setting 'workers'"),
+    ("data2csv", ["--max_data_number=0"], r"--max_data_number=0: give a positive number, or -1 for every row"),
+    ("data2csv", ["--workers=0"], r"--workers=0: use a positive number"),
+    ("data2csv", ["--threads=2"], r"unknown setting 'threads'"),
 ])
 def test_a_wrong_setting_of_the_other_scripts_stops_before_anything_loads(script, argv, message,
                                                                            loaders_that_must_not_run, monkeypatch):
