@@ -282,6 +282,22 @@ def atomic_write(path, mode="w", **open_kwargs):
         raise
 
 
+@contextmanager
+def written_whole(folder):
+    """atomic_write for a folder: a staging folder beside it, renamed over it once the block has written it all, and
+    removed when the block fails, so that neither a half-written folder nor the space it took is left."""
+    staging = folder.rstrip(os.sep) + ".part"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+
+
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device; the user's quota used up
 
 
@@ -564,11 +580,10 @@ class BaseAndFineTuned:
     def __init__(self, model, checkpoint, output_dir):
         self.checkpoint_dir, self.run_config, fine_tuned = trained_model(model, checkpoint, output_dir)
         self.fine_tuned, self.processor = load_model_and_processor(fine_tuned, on_device=True)
-        self.base = None
         if self.checkpoint_dir:
             from peft import PeftModel
 
-            self.fine_tuned = PeftModel.from_pretrained(self.fine_tuned, self.checkpoint_dir)
+            self.fine_tuned = self.base = PeftModel.from_pretrained(self.fine_tuned, self.checkpoint_dir)
         else:
             self.base, _ = load_model_and_processor(self.run_config["model"], on_device=True)
         self.fine_tuned.eval()
@@ -576,9 +591,8 @@ class BaseAndFineTuned:
 
     def caption(self, which, paths, max_new_tokens, batch_size, **options):
         """caption_files with the "base" or the "fine_tuned" model, at training's prompt and image size."""
-        switched_off = which == "base" and self.base is None
-        with self.fine_tuned.disable_adapter() if switched_off else suppress():
-            model = self.base if which == "base" and self.base is not None else self.fine_tuned
+        model = self.base if which == "base" else self.fine_tuned
+        with model.disable_adapter() if which == "base" and self.checkpoint_dir else suppress():
             return caption_files(model, self.processor, paths, self.run_config["image_size"],
                                  self.run_config["prompt"], max_new_tokens, batch_size, **options)
 

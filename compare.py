@@ -32,8 +32,8 @@ from captioning import (
     run_script,
     start_swanlab,
     stop_if_disk_full,
-    thumbnail_data_uri,
     swanlab_run_mode,
+    thumbnail_data_uri,
     trained_adapter,
     write_json,
 )

@@ -363,8 +363,8 @@ class ImageFetches:
 
 def write_csv(path, rows):
     """The CSV, written whole or not at all."""
-    size = sum(len(",".join(map(str, row.values())).encode()) + 2 for row in rows)  # about: quoting aside
-    with stop_if_disk_full(os.path.dirname(os.path.abspath(path)), path, size, setting="csv_path",
+    with stop_if_disk_full(os.path.dirname(os.path.abspath(path)), path, setting="csv_path",
+                           needed=lambda: sum(len(",".join(map(str, row.values())).encode()) + 2 for row in rows),
                            then="the images are all saved, so it writes the CSV at once"), \
             atomic_write(path, encoding="utf-8", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=["image_path", "caption", "image_id"])

@@ -11,14 +11,13 @@ llama-cpp-python source package on PyPI (pinned, checked by its SHA-256, downloa
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 
 from captioning import (RUN_CONFIG, PipelineError, folder_size, hold, model_family, parse_settings,
-                        read_run_config, run_script, stop_if_disk_full)
+                        read_run_config, run_script, stop_if_disk_full, written_whole)
 
 # ----------------------------------------------------------------------------- settings
 merged_dir = "output/Qwen2-VL-2B-merged"  # written by merge.py
@@ -114,18 +113,13 @@ def main(argv=()):
     image_tokens = (run_config["image_size"] // family.side_multiple) ** 2
     with hold(gguf_dir), tempfile.TemporaryDirectory() as view:
         conversion_view(cfg.merged_dir, run_config["image_size"], view)
-        staging = gguf_dir.rstrip("/") + ".part"  # written whole, then renamed into place
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
         with stop_if_disk_full(gguf_dir, "the GGUF files", lambda: folder_size(cfg.merged_dir) * len(requested),
-                               partial=[staging], setting="gguf_dir", then="it converts again"):
+                               setting="gguf_dir", then="it converts again"), written_whole(gguf_dir) as staging:
             for outtype in requested:
                 convert(converter, view, os.path.join(staging, f"model-{outtype}.gguf"), outtype)
             convert(converter, view, os.path.join(staging, "mmproj-f16.gguf"), "f16", mmproj=True)
             with open(os.path.join(staging, "Modelfile"), "w", encoding="utf-8") as file:
                 file.write(modelfile(f"model-{requested[-1]}.gguf", run_config["prompt"]))
-        shutil.rmtree(gguf_dir, ignore_errors=True)
-        os.replace(staging, gguf_dir)
     print(f"wrote {gguf_dir}. Caption an image with llama.cpp:\n  llama-mtmd-cli -m {gguf_dir}/model-{requested[-1]}.gguf "
           f"--mmproj {gguf_dir}/mmproj-f16.gguf --image photo.jpg -p {run_config['prompt']!r} --temp 0 "
           f"--image-min-tokens {image_tokens} --image-max-tokens {image_tokens}\nor with Ollama: cd {gguf_dir} && "

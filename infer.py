@@ -83,8 +83,8 @@ def main(argv=()):
         print(f"{path}: {caption}")
         record = {"image_path": path, "caption": caption, "model": base, "adapter": adapter}
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    with stop_if_disk_full(os.path.dirname(os.path.abspath(output_path)), output_path, len("".join(lines).encode()),
-                           setting="output_path", then="it captions again"), \
+    with stop_if_disk_full(os.path.dirname(os.path.abspath(output_path)), output_path, setting="output_path",
+                           needed=lambda: sum(len(line.encode()) for line in lines), then="it captions again"), \
             atomic_write(output_path, encoding="utf-8") as file:
         file.writelines(lines)
     print(f"wrote {len(captioned)} captions to {output_path}")

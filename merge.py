@@ -10,7 +10,6 @@ processor is pinned to training's image size, so other readers do not feed full-
 files and config fields that transformers 4 reads; every file is readable by all users (0644).
 """
 import os
-import shutil
 
 from captioning import (
     RUN_CONFIG,
@@ -26,6 +25,7 @@ from captioning import (
     stop_if_disk_full,
     trained_adapter,
     write_json,
+    written_whole,
 )
 
 # ----------------------------------------------------------------------------- settings
@@ -55,18 +55,15 @@ def main(argv=()):
         base_model, processor = load_model_and_processor(base, dtype=cfg.dtype)
         merged = PeftModel.from_pretrained(base_model, checkpoint_dir).merge_and_unload()
 
-        staging = merged_dir.rstrip("/") + ".part"  # written whole, then renamed into place
-        shutil.rmtree(staging, ignore_errors=True)
-        weights_size = sum(tensor.numel() * tensor.element_size() for tensor in merged.state_dict().values())
-        with stop_if_disk_full(merged_dir, "the merged model", weights_size, partial=[staging], setting="merged_dir",
-                               then="it merges again"):
+        with stop_if_disk_full(merged_dir, "the merged model", setting="merged_dir", then="it merges again",
+                               needed=lambda: sum(tensor.numel() * tensor.element_size()
+                                                  for tensor in merged.state_dict().values())), \
+                written_whole(merged_dir) as staging:
             merged.save_pretrained(staging)  # weights as safetensors, config and generation config
             add_config_fields_for_transformers_4(staging)
             save_processor(processor, staging, run_config["image_size"], base)
             write_json(os.path.join(staging, RUN_CONFIG), {**run_config, "merged_from": os.path.abspath(checkpoint_dir)})
-        readable_by_all(staging)
-        shutil.rmtree(merged_dir, ignore_errors=True)
-        os.replace(staging, merged_dir)
+            readable_by_all(staging)
         print(f"wrote the merged model to {merged_dir}: load it with AutoModelForImageTextToText.from_pretrained, "
               f"vLLM, or `python infer.py --model={merged_dir}`")
 
