@@ -81,7 +81,8 @@ def debug_requested(main, argv):
 
 # what train.py records in run_config.json beside its settings: passed over when that file is replayed with --config
 RECORDED_BY_TRAINING = {"family", "prompt", "train_json", "test_json", "swanlab_mode_used", "swanlab_run_id", "world_size",
-                        "micro_batch_size_used", "gradient_checkpointing_used", "image_features_cached", "merged_from"}
+                        "micro_batch_size_used", "gradient_checkpointing_used", "image_features_cached", "merged_from",
+                        "precision_used", "attention_used"}
 
 
 class SettingsHelp(argparse.RawDescriptionHelpFormatter):
@@ -700,12 +701,68 @@ def build_messages(image, prompt, caption=None):
 
 # ----------------------------------------------------------------------------- model
 
-def device_and_dtype():
+PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # setting: torch's dtype name
+ATTENTIONS = ("flash_attention_2", "sdpa", "eager")
+NATIVE_BF16 = (8, 0)  # compute capability from which GPUs compute in bf16 natively, and FlashAttention 2 runs
+
+
+class Compute(NamedTuple):
+    """Where and how a script computes: cuda or cpu, bf16, fp16 or fp32, and the attention kernel."""
+    device: str
+    precision: str
+    attention: str
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, PRECISIONS[self.precision])
+
+    def __str__(self):
+        return f"{self.precision}, {self.attention}"
+
+
+def gpu_capability():
+    """The (major, minor) compute capability of this process's GPU, or None on a CPU: the CUDA query the precision
+    and attention rest on, one function so that tests can fake a T4 or an H100."""
     import torch
 
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16
-    return "cpu", torch.float32
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0")))  # under torchrun: its own GPU
+
+
+def flash_attention_2_installed():
+    """transformers' own test of the flash-attn 2 package (a flash-attn 4 install also provides a flash_attn module)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+def compute_choice(precision="auto", attention="auto"):
+    """The Compute for the precision and attention settings. auto: bf16 where the GPU has it natively (compute
+    capability 8.0+: A100, RTX 30xx, H100 and newer), fp16 on older GPUs (T4, V100: their bf16 is emulated, far
+    slower), fp32 on a CPU; FlashAttention 2 where it is installed and can run (8.0+, in bf16 or fp16), else PyTorch's
+    SDPA. A setting other than auto is used as given, unless this machine cannot run it."""
+    capability = gpu_capability()
+    if precision not in ("auto", *PRECISIONS):
+        raise PipelineError(f"--precision={precision}: use auto, {', '.join(PRECISIONS)}")
+    if attention not in ("auto", *ATTENTIONS):
+        raise PipelineError(f"--attention={attention}: use auto, {', '.join(ATTENTIONS)}")
+    native_bf16 = capability is not None and capability >= NATIVE_BF16
+    if precision == "auto":
+        precision = "fp32" if capability is None else "bf16" if native_bf16 else "fp16"
+    flash_runs = native_bf16 and precision != "fp32" and flash_attention_2_installed()
+    if attention == "auto":
+        attention = "flash_attention_2" if flash_runs else "sdpa"
+    if precision == "fp16" and capability is None:
+        raise PipelineError("--precision=fp16 needs a GPU: on a CPU use fp32 (or bf16)")
+    if attention == "flash_attention_2" and not flash_runs:
+        where = "a CPU" if capability is None else f"this GPU of compute capability {capability[0]}.{capability[1]}"
+        raise PipelineError(f"--attention=flash_attention_2 cannot run on {where} in {precision}: it needs the "
+                            "flash-attn 2 package, a GPU of compute capability 8.0 or newer and bf16 or fp16. Use "
+                            "--attention=sdpa")
+    return Compute("cpu" if capability is None else "cuda", precision, attention)
 
 
 def resolve_model(model):
@@ -767,26 +824,19 @@ def checked_image_size(image_size, family):
     return image_size
 
 
-def attention_implementation(device):
-    """FlashAttention 2 on a GPU where the flash-attn package is installed, else PyTorch's fused SDPA kernels."""
-    import importlib.util
-
-    return "flash_attention_2" if device == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
-
-
-def load_model_and_processor(model, on_device=False, dtype=None):
+def load_model_and_processor(model, compute=None, on_device=False, dtype=None):
     """A Qwen-VL model (the class its config.json names) and its processor from a local folder or hub id,
-    safetensors only: in dtype if given, else bf16 on CUDA and fp32 on CPU; moved to the GPU (if any) when
-    on_device, else left on the CPU for Trainer to place."""
+    safetensors only: in dtype if given, else in compute's precision (compute_choice() when not given), with its
+    attention; moved to its device when on_device, else left on the CPU for Trainer to place."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = resolve_model(model)
     model_family(path)
-    device, device_dtype = device_and_dtype()
+    compute = compute or compute_choice()
     processor = AutoProcessor.from_pretrained(path)
     base_model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype or device_dtype, use_safetensors=True, attn_implementation=attention_implementation(device))
-    return base_model.to(device) if on_device else base_model, processor
+        path, dtype=dtype or compute.dtype, use_safetensors=True, attn_implementation=compute.attention)
+    return base_model.to(compute.device) if on_device else base_model, processor
 
 
 def caption_files(model, processor, paths, image_size, prompt, max_new_tokens, batch_size, description="captioning",
@@ -838,7 +888,10 @@ def generate_captions(model, processor, images, prompt, max_new_tokens, batch_si
             ]
             inputs = processor(text=texts, images=batch, padding=True, padding_side="left", return_tensors="pt")
             inputs = inputs.to(model.device)
-            with torch.inference_mode():
+            # a bf16 or fp16 base model's adapter is held in fp32 (peft upcasts it): autocast keeps its matmuls in
+            # the base model's precision
+            with torch.inference_mode(), torch.autocast(model.device.type, dtype=model.dtype,
+                                                        enabled=model.dtype != torch.float32):
                 output = model.generate(**inputs, generation_config=generation_config)
             new_tokens = output[:, inputs["input_ids"].shape[1]:]
             captions += [caption.strip() for caption in processor.batch_decode(new_tokens, skip_special_tokens=True)]

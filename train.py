@@ -19,13 +19,13 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from captioning import (END_OF_TURN, IGNORE_INDEX, RUN_CONFIG, PipelineError, build_messages, caption_files,
-                        checked_image_size, hold, load_image, load_model_and_processor, model_family,
+                        checked_image_size, compute_choice, hold, load_image, load_model_and_processor, model_family,
                         parse_dataclass_settings, parse_settings, pin_image_size, read_conversations, report_skipped, require_positive,
                         resolve_model, run_script, start_swanlab, swanlab_run_mode, write_json)
 from speed import (CaptionTrainer, LengthGroupedSampler, SamplerEpochs, check_speed_settings, keep_caption_logits_only,
                    pass_cached_image_features, plan_speed)
-from training_run import (ReadableCheckpoints, prepare_launch, resolve_deepspeed, resume_point, save_final_adapter,
-                          train_until_done)
+from training_run import (ReadableCheckpoints, check_shared_output_dir, decided_by_the_main_process, prepare_launch,
+                          resolve_deepspeed, resume_point, save_final_adapter, train_until_done)
 
 # ----------------------------------------------------------------------------- settings
 model = "Qwen/Qwen2-VL-2B-Instruct"  # a Qwen2-VL, Qwen2.5-VL or Qwen3-VL: hub id (ModelScope, into ./Qwen/...) or folder
@@ -46,6 +46,8 @@ max_length = 8192  # samples with more tokens are skipped, never cut through the
 logging_steps = 10
 save_steps = 100
 max_new_tokens = 128  # for the held-out captions generated after training
+precision = "auto"  # auto: bf16 on GPUs of compute capability 8.0+ (A100, RTX 30xx and newer), fp16 on older ones (T4, V100), fp32 on a CPU | bf16 | fp16 | fp32
+attention = "auto"  # auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | flash_attention_2 | sdpa | eager
 gradient_checkpointing = "auto"  # auto: only when memory needs it (it costs ~1/3 more compute) | true | false
 cache_image_features = "auto"  # auto: when training shows an image more than once (epochs, several captions) | true | false
 group_by_length = True  # batch samples of similar length together, so less compute goes to padding
@@ -200,15 +202,16 @@ def training_arguments(from_file, from_argv, block):
 
 
 def check_settings(cfg):
-    """Refuse what train.py cannot use before the model or data load; returns the DeepSpeed config file, if any.
-    Sets image_size to the model family's default when it is 0, so that run_config.json records the size used."""
+    """Refuse what train.py cannot use before the model or data load; returns the DeepSpeed config file, if any, and
+    the Compute (precision and attention) to train with. Sets image_size to the model family's default when it is 0,
+    so that run_config.json records the size used."""
     cfg.image_size = checked_image_size(cfg.image_size, model_family(cfg.model))
     require_positive(cfg, "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "max_new_tokens")
     if cfg.resume not in ("auto", "never"):
         raise PipelineError(f"--resume={cfg.resume}: use auto or never")
     deepspeed_config = resolve_deepspeed(cfg.deepspeed)
     check_speed_settings(cfg, deepspeed_config)
-    return deepspeed_config
+    return deepspeed_config, compute_choice(cfg.precision, cfg.attention)
 
 
 # ----------------------------------------------------------------------------- the run, phase by phase
@@ -229,12 +232,13 @@ def split_data(cfg, is_main_process):
     return train_samples, test_samples, data
 
 
-def lora_model_and_processor(cfg, model_folder):
-    """The base model with LoRA on its language model's projections, and its processor pinned to image_size (so each
-    checkpoint's processor files carry training's image size)."""
+def lora_model_and_processor(cfg, model_folder, compute):
+    """The base model in compute's precision with LoRA on its language model's projections (its weights in fp32, as
+    mixed precision needs), and its processor pinned to image_size (so each checkpoint's processor files carry
+    training's image size)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    base_model, processor = load_model_and_processor(model_folder)
+    base_model, processor = load_model_and_processor(model_folder, compute)
     pin_image_size(processor, cfg.image_size)
     lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=LORA_TARGET_MODULES, r=cfg.lora_r,
                              lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
@@ -243,7 +247,7 @@ def lora_model_and_processor(cfg, model_folder):
     return lora_model, processor
 
 
-def trainer_arguments(cfg, deepspeed_config):
+def trainer_arguments(cfg, deepspeed_config, compute):
     """TrainingArguments from the settings, then any TrainingArguments field given beside them. Creating them also
     joins this process to the others under torchrun and picks its device."""
     from transformers import TrainingArguments
@@ -254,8 +258,9 @@ def trainer_arguments(cfg, deepspeed_config):
         "logging_first_step": True,
         "activation_checkpointing_kwargs": {"use_reentrant": False},
         "dataloader_persistent_workers": cfg.dataloader_num_workers > 0,
-        "bf16": torch.cuda.is_available(),
-        "use_cpu": not torch.cuda.is_available(),
+        "bf16": compute.precision == "bf16",
+        "fp16": compute.precision == "fp16",  # with loss scaling
+        "use_cpu": compute.device == "cpu",
         "report_to": "none",  # SwanLab is attached as a callback
         "deepspeed": deepspeed_config,
         "ddp_find_unused_parameters": False,  # LoRA uses every adapter weight in each step
@@ -300,11 +305,13 @@ def caption_held_out(cfg, lora_model, processor, test_samples, prompt, is_main_p
     swanlab.finish()
 
 
-def train_and_caption(cfg, deepspeed_config, is_main_process):
+def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
     """The run, phase by phase: split the data, load the model with LoRA, build the dataset, plan the steps, train,
     save the adapter, caption the held-out images."""
     mode = swanlab_run_mode(cfg.swanlab_mode) if is_main_process else "disabled"
-    resume_from, earlier_run = resume_point(cfg, is_main_process)
+    args = trainer_arguments(cfg, deepspeed_config, compute)  # joins the processes, if several
+    check_shared_output_dir(cfg.output_dir, args)
+    resume_from, earlier_run = decided_by_the_main_process(lambda: resume_point(cfg, is_main_process), args)
 
     train_samples, test_samples, data = split_data(cfg, is_main_process)
 
@@ -313,7 +320,7 @@ def train_and_caption(cfg, deepspeed_config, is_main_process):
 
     set_seed(cfg.seed)
     model_folder = resolve_model(cfg.model)
-    lora_model, processor = lora_model_and_processor(cfg, model_folder)
+    lora_model, processor = lora_model_and_processor(cfg, model_folder, compute)
 
     dataset = CaptionDataset(train_samples, processor, cfg.image_size, cfg.max_length, show_progress=is_main_process)
     if is_main_process:
@@ -322,9 +329,8 @@ def train_and_caption(cfg, deepspeed_config, is_main_process):
         raise PipelineError(f"no training sample is left in {cfg.json_path} after skipping the ones listed above")
 
     collator = CaptionCollator(processor.tokenizer.pad_token_id)
-    args = trainer_arguments(cfg, deepspeed_config)
     lora_model.to(args.device)
-    args, plan = plan_speed(cfg, lora_model, processor, dataset, collator, args, deepspeed_config)
+    args, plan = plan_speed(cfg, lora_model, processor, dataset, collator, args, deepspeed_config, compute)
     step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * args.world_size
     sampler = LengthGroupedSampler(dataset.lengths, step_samples, cfg.seed) if cfg.group_by_length else None
     trainer = CaptionTrainer(model=lora_model, args=args, train_dataset=dataset, data_collator=collator,
@@ -352,9 +358,9 @@ def main(argv=()):
     prepare_launch()
     is_main_process = int(os.environ.get("RANK", "0")) == 0  # only it writes files, logs and prints captions
     cfg = parse_settings(globals(), argv, more_settings=training_arguments)
-    deepspeed_config = check_settings(cfg)
+    deepspeed_config, compute = check_settings(cfg)
     with hold(cfg.output_dir) if is_main_process else nullcontext():  # one run per output_dir at a time
-        train_and_caption(cfg, deepspeed_config, is_main_process)
+        train_and_caption(cfg, deepspeed_config, compute, is_main_process)
 
 if __name__ == "__main__":
     run_script(main)

@@ -3,7 +3,9 @@ no interruption leaves half of one, checkpoints readable by all, DeepSpeed confi
 import importlib.util
 import json
 import os
+import secrets
 import shutil
+import socket
 
 import torch
 from transformers import TrainerCallback
@@ -52,7 +54,7 @@ def train_until_done(trainer, resume_from):
 # settings that may change when a run is resumed: they do not shape the training itself
 RESUMABLE_CHANGES = {"resume", "debug", "swanlab_mode", "swanlab_project", "swanlab_run_name", "max_new_tokens",
                      "logging_steps", "deepspeed", "gradient_checkpointing", "dataloader_num_workers",
-                     "micro_batch_size", "cache_image_features"}
+                     "micro_batch_size", "cache_image_features", "precision", "attention"}  # another GPU may resume
 
 
 def resume_point(cfg, is_main_process):
@@ -89,6 +91,52 @@ def resume_point(cfg, is_main_process):
         if is_main_process:
             print(f"resuming the interrupted run from {checkpoint}")
     return checkpoint, earlier
+
+
+def decided_by_the_main_process(decide, args):
+    """decide() run by the main process alone and its result, or the PipelineError it raised, given to every
+    process: all then take the same path, and none waits in a collective that the others never reach."""
+    if args.world_size == 1:
+        return decide()
+    decision = [None]
+    if args.process_index == 0:
+        try:
+            decision = [decide()]
+        except PipelineError as error:
+            decision = [error]
+    torch.distributed.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], PipelineError):
+        raise decision[0]
+    return decision[0]
+
+
+def check_shared_output_dir(output_dir, args):
+    """Stop every process at once unless all of them see the main process's output_dir: only the main process writes
+    the checkpoints there, and every process resumes from them (a node resuming alone from its own folder would
+    start from step 0 while the others continue)."""
+    if args.world_size == 1:
+        return
+    token = [secrets.token_hex(8)]
+    torch.distributed.broadcast_object_list(token, src=0)
+    marker = os.path.join(output_dir, f".shared-by-all-processes-{token[0]}")
+    if args.process_index == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(marker, "w", encoding="utf-8") as file:
+            file.write(token[0])
+    torch.distributed.barrier()
+    seen = os.path.isfile(marker)
+    everywhere = torch.tensor([int(seen)], device=args.device)
+    torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
+    if args.process_index == 0:
+        os.remove(marker)
+    if not everywhere.item():
+        raise PipelineError(
+            f"--output_dir={output_dir} is not one folder shared by every process: a file the main process wrote "
+            f"there is not seen on every node (this one, {socket.gethostname()}, {'sees' if seen else 'does not see'} "
+            "it). Checkpoints are written by the main process alone and every node resumes from them, so output_dir "
+            "must be on storage all nodes share (NFS, Lustre, a mounted bucket): give "
+            "--output_dir such a folder"
+        )
 
 
 def save_final_adapter(trainer, processor, output_dir, image_size, base_model):

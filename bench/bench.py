@@ -13,6 +13,7 @@ Three measurements, each path in its own process so that peak memory is its own:
 The model has random weights (speed does not depend on their values), so nothing is downloaded. Prints a table
 and writes bench/results.json.
 """
+import contextlib
 import json
 import os
 import platform
@@ -222,26 +223,29 @@ def measure_data(cfg, path_name):
 def model_and_device(cfg):
     import torch
 
-    from captioning import device_and_dtype, load_model_and_processor
+    from captioning import compute_choice, load_model_and_processor
 
-    model, processor = load_model_and_processor(os.path.join(cfg.work_dir, "model"), on_device=True)
+    compute = compute_choice()
+    model, processor = load_model_and_processor(os.path.join(cfg.work_dir, "model"), compute, on_device=True)
     torch.manual_seed(0)  # the same LoRA initialisation for both paths
-    return model, processor, *device_and_dtype()
+    return model, processor, compute
 
 
 def measure_training(cfg, path_name):
+    import tempfile
+
     import torch
     from accelerate.utils import send_to_device
     from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
 
     import speed
     import train
 
-    model, processor, device, dtype = model_and_device(cfg)
+    model, processor, compute = model_and_device(cfg)
+    device = compute.device
     model = get_peft_model(model, LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=64, lora_alpha=16,
                                              lora_dropout=0.05))
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     encode_seconds = 0.0
     if path_name == "recipe":  # gradient checkpointing always on, 4 x 4 accumulation, the preprocessed dataset
         speed.set_gradient_checkpointing(model, True)
@@ -251,18 +255,21 @@ def measure_training(cfg, path_name):
         dataset = project_dataset(cfg, processor, cfg.images)
         start = time.perf_counter()
         dataset.image_features = speed.encode_images(model, processor, dataset.image_paths(), cfg.image_size,
-                                                     BATCH * ACCUMULATION)
+                                                     BATCH * ACCUMULATION, tempfile.gettempdir())
         encode_seconds = time.perf_counter() - start
         collator = train.CaptionCollator(processor.tokenizer.pad_token_id)
         plan = SimpleNamespace(per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
                                micro_batch_size="auto", gradient_checkpointing="auto")
-        micro_batch, _ = speed.plan_steps(plan, model, dataset, collator, 1)
+        micro_batch, _, _ = speed.plan_steps(plan, model, dataset, collator, 1, compute)
         sampler = speed.LengthGroupedSampler(dataset.lengths, BATCH * ACCUMULATION, seed=0)
         loader = project_loader(dataset, collator, micro_batch, sampler)
+    if device == "cuda":  # after the encoding and the probe, whose tries are not training's memory
+        torch.cuda.reset_peak_memory_stats()
     model.train()
     accumulation = BATCH * ACCUMULATION // micro_batch
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     step = samples = tokens = 0
+    counter = FlopCounterMode(display=False)  # counts the first step's FLOPs (a warm-up step, not timed)
     for epoch in range(cfg.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -272,28 +279,33 @@ def measure_training(cfg, path_name):
                 if device == "cuda":
                     torch.cuda.synchronize()
                 start, samples, tokens = time.perf_counter(), 0, 0
-            for _ in range(accumulation):
-                batch = send_to_device(next(batches), device)
-                with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
-                    loss = model(**batch).loss / accumulation
-                loss.backward()
-                samples += batch["input_ids"].shape[0]
-                tokens += int(batch["attention_mask"].sum())
+            with counter if step == 0 else contextlib.nullcontext():
+                for _ in range(accumulation):
+                    batch = send_to_device(next(batches), device)
+                    with torch.autocast(device, dtype=compute.dtype, enabled=compute.precision != "fp32"):
+                        loss = model(**batch).loss / accumulation
+                    loss.backward()
+                    samples += batch["input_ids"].shape[0]
+                    tokens += int(batch["attention_mask"].sum())
+            if step == 0:
+                flops_per_token = counter.get_total_flops() / tokens
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start + encode_seconds
+    train_seconds = time.perf_counter() - start
+    seconds = train_seconds + encode_seconds
     result = {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds,
               "encode_seconds": encode_seconds, "steps": step, "micro_batch": micro_batch,
-              "accumulation": accumulation, "checkpointing": model.get_base_model().is_gradient_checkpointing,
-              "peak_rss_mb": peak_rss_mb()}
+              "accumulation": accumulation, "checkpointing": model.get_base_model().is_activation_checkpointing,
+              "precision": str(compute), "flops_per_token": flops_per_token, "peak_rss_mb": peak_rss_mb()}
     if device == "cuda":
-        parameters = sum(p.numel() for p in model.parameters())
         peak_flops = float(os.environ.get("BENCH_PEAK_TFLOPS", "989")) * 1e12  # H100/H200 dense bf16
-        result.update(peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20,
-                      mfu=6 * parameters * tokens / seconds / peak_flops)  # the usual 6 x parameters x tokens count
+        result.update(peak_gpu_allocated_mb=torch.cuda.max_memory_allocated() / 2**20,
+                      peak_gpu_reserved_mb=torch.cuda.max_memory_reserved() / 2**20,
+                      # the FLOPs counted on the first step, per token, over the timed steps (encoding left out)
+                      mfu=flops_per_token * tokens / train_seconds / peak_flops)
     return result
 
 
@@ -394,10 +406,13 @@ def table(results):
         ("training: peak RSS (MB)", training["recipe"]["peak_rss_mb"], training["project"]["peak_rss_mb"], ""),
         ("training: encoding images once, included (s)", 0.0, training["project"]["encode_seconds"], ""),
     ]
-    if "peak_gpu_mb" in training["project"]:
-        rows += [("training: peak GPU memory (MB)", training["recipe"]["peak_gpu_mb"],
-                  training["project"]["peak_gpu_mb"], ""),
-                 ("training: MFU", training["recipe"]["mfu"], training["project"]["mfu"], "")]
+    rows.append(("training: GFLOP per token (counted)", training["recipe"]["flops_per_token"] / 1e9,
+                 training["project"]["flops_per_token"] / 1e9,
+                 ratio(training["recipe"]["flops_per_token"], training["project"]["flops_per_token"]) + " less"))
+    if "mfu" in training["project"]:
+        rows += [(f"training: peak GPU memory {kind} (MB)", training["recipe"][f"peak_gpu_{kind}_mb"],
+                  training["project"][f"peak_gpu_{kind}_mb"], "") for kind in ("allocated", "reserved")]
+        rows.append(("training: MFU (counted FLOPs)", training["recipe"]["mfu"], training["project"]["mfu"], ""))
     rows.append(("captioning: images/s (one at a time | batched)", caption["one_at_a_time"]["images_per_s"],
                  caption["batched"]["images_per_s"],
                  ratio(caption["batched"]["images_per_s"], caption["one_at_a_time"]["images_per_s"])))

@@ -9,10 +9,27 @@ from PIL import Image
 
 import speed
 import train
-from captioning import IGNORE_INDEX, PipelineError
+from captioning import IGNORE_INDEX, Compute, PipelineError
 from bench.bench import recipe_collator, recipe_process_func
 
 CAPTIONS = ["a red square on a table", "a green field under the sky", "a blue boat", "a yellow cat sleeping"]
+CPU_FP32 = Compute("cpu", "fp32", "sdpa")
+
+
+class FakeGpuMemory:
+    """speed.GpuMemory's readings for a GPU of total bytes, whose peak in a try is what peak_of() says of it."""
+
+    def __init__(self, total, peak_of=lambda: 0):
+        self.total_bytes, self.peak_of = total, peak_of
+
+    def total(self):
+        return self.total_bytes
+
+    def start(self):
+        pass
+
+    def peak(self):
+        return self.peak_of()
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +64,11 @@ def lora_model(tiny_model, checkpointing=False):
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
-    if checkpointing:
-        model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=8, lora_dropout=0,
-                                            init_lora_weights=False))
+    model = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_model),
+                           LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=8, lora_dropout=0,
+                                      init_lora_weights=False))
+    speed.set_gradient_checkpointing(model, checkpointing)
+    return model
 
 
 def loss_and_gradients(model, batch):
@@ -163,12 +179,13 @@ def test_the_benchmark_s_data_part_runs_at_a_reduced_size(tmp_path):
     assert "identical images and CSV: yes" in result.stdout and "| 1000 | 200 |" in result.stdout
 
 
-def test_cached_image_features_give_the_same_loss_and_gradients(dataset, tiny_model, tiny_processor):
+def test_cached_image_features_give_the_same_loss_and_gradients(dataset, tiny_model, tiny_processor, tmp_path):
     model = lora_model(tiny_model)
     collate = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)
     dataset.image_features = None
     loss_computed, grads_computed = loss_and_gradients(model, collate([dataset[i] for i in range(len(dataset))]))
-    dataset.image_features = speed.encode_images(model, tiny_processor, dataset.image_paths(), 56, batch_size=3)
+    dataset.image_features = speed.encode_images(model, tiny_processor, dataset.image_paths(), 56, batch_size=3,
+                                                 folder=str(tmp_path))
     cached = collate([dataset[i] for i in range(len(dataset))])
     assert "pixel_values" not in cached and len(dataset.image_features) == 4  # each image encoded once
     loss_cached, grads_cached = loss_and_gradients(model, cached)
@@ -196,7 +213,7 @@ def test_every_family_s_fast_path_gives_the_recipe_path_s_loss_and_gradients(fam
 
     fast_model = lora_model(family_model, checkpointing=True).train()
     family_dataset.image_features = speed.encode_images(fast_model, family_processor, family_dataset.image_paths(),
-                                                        family_side, batch_size=3)
+                                                        family_side, batch_size=3, folder=str(tmp_path))
     fast = collate([family_dataset[i] for i in range(len(family_dataset))])
     assert "pixel_values" not in fast and fast["logits_to_keep"].sum() < fast["labels"].numel()
     loss_fast, grads_fast = loss_and_gradients(fast_model, fast)
@@ -265,12 +282,13 @@ def test_the_memory_probe_tries_the_longest_samples_and_leaves_the_model_as_it_w
     def forward_on_a_small_gpu(**batch):  # as if the GPU held 3 samples' activations, or 10 with checkpointing
         tried.append(batch["input_ids"].shape)
         assert model.training  # else gradient checkpointing would not act
-        if batch["input_ids"].shape[0] > (10 if model.get_base_model().is_gradient_checkpointing else 3):
+        if batch["input_ids"].shape[0] > (10 if model.get_base_model().is_activation_checkpointing else 3):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return forward(**batch)
 
     model.forward = forward_on_a_small_gpu
-    fits = speed.memory_probe(model, dataset, train.CaptionCollator(tiny_processor.tokenizer.pad_token_id), 1)
+    fits = speed.memory_probe(model, dataset, train.CaptionCollator(tiny_processor.tokenizer.pad_token_id), 1,
+                              CPU_FP32, memory=FakeGpuMemory(total=2**40))
     cfg = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, micro_batch_size="auto",
                           gradient_checkpointing="auto")
     assert speed.step_plan(cfg, fits) == (8, True)  # 8 and 4 without checkpointing do not fit; 8 with it does
