@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -49,9 +50,10 @@ def global_batch_args(tiny_model, data_json):
             *COMMON]
 
 
-def torchrun_command(*args):
-    """train.py in two processes on the CPU, one sample each, as `torchrun --nproc_per_node=2 train.py ...` runs it."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def torchrun_command(*args, launch=("--standalone", "--nproc_per_node=2"), wrapper=()):
+    """train.py in two processes on the CPU, one sample each, as `torchrun --nproc_per_node=2 train.py ...` runs it
+    (or with the launch given), through the wrapper script given, if any."""
+    return [sys.executable, "-m", "torch.distributed.run", *launch, *wrapper,
             os.path.join(REPO, "train.py"), *args, "--per_device_train_batch_size=1"]
 
 
@@ -236,3 +238,60 @@ def test_two_processes_killed_mid_epoch_resume_to_the_losses_of_an_uninterrupted
     expected_step, expected_losses = logged_losses(tmp_path / "uninterrupted")
     assert step == expected_step == 24
     assert losses == pytest.approx(expected_losses, abs=1e-5)  # step for step: same data order, optimizer and schedule
+
+
+def test_processes_that_read_different_free_memory_take_one_cache_plan_and_train_alike(
+        tmp_path, tiny_model, data_json, ddp_run, monkeypatch):
+    """Each process read its own free memory and decided alone: rank 1 skipped the cache while rank 0 entered the
+    collective that gathers the features, and the run died (gloo) or hung (NCCL)."""
+    ddp_dir, _ = ddp_run
+    monkeypatch.setenv("FREE_MEMORY_BY_RANK", f"{2**40},{2**10}")  # rank 0: a terabyte free; rank 1: a kilobyte
+    result = subprocess.run(torchrun_command(*global_batch_args(tiny_model, data_json), f"--output_dir={tmp_path}/out",
+                                             wrapper=[os.path.join(REPO, "tests", "memory_reads.py")]),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-5000:]
+    # the smallest reading decides for all: one copy on the node, read back from the local disk
+    assert "image features computed once" in result.stdout and "read from disk" in result.stdout, result.stdout
+    (step, losses), (ddp_step, ddp_losses) = logged_losses(tmp_path / "out"), logged_losses(ddp_dir)
+    assert step == ddp_step == 8 and losses == pytest.approx(ddp_losses, abs=1e-4)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_node_launchers(args, folders):
+    """train.py as two nodes of one process each, both on 127.0.0.1, each launcher started in its own folder."""
+    port = free_port()
+    return [subprocess.Popen(torchrun_command(*args, launch=("--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+                                                             "--master_addr=127.0.0.1", f"--master_port={port}")),
+                             cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for node, folder in enumerate(folders)]
+
+
+def test_two_nodes_that_do_not_share_output_dir_both_stop_at_once_saying_it_must_be_shared(
+        tmp_path, tiny_model, data_json):
+    """Only node 0 had the checkpoints: killed and restarted, node 0 resumed at step 2 while node 1 started from 0."""
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+    launchers = two_node_launchers([*global_batch_args(tiny_model, data_json), "--output_dir=out"], folders)
+    for launcher, folder in zip(launchers, folders):
+        _, stderr = launcher.communicate(timeout=600)
+        assert launcher.returncode != 0
+        assert "--output_dir=out is not one folder shared by every process" in stderr, stderr[-3000:]
+        assert "must be on storage all nodes share" in stderr
+        assert not checkpoint_folders(folder / "out")  # it stopped before training
+
+
+def test_two_nodes_sharing_output_dir_train_as_two_processes_on_one_node(tmp_path, tiny_model, data_json, ddp_run):
+    ddp_dir, _ = ddp_run
+    launchers = two_node_launchers([*global_batch_args(tiny_model, data_json), f"--output_dir={tmp_path}/shared"],
+                                   [tmp_path, tmp_path])
+    for launcher in launchers:
+        _, stderr = launcher.communicate(timeout=1200)
+        assert launcher.returncode == 0, stderr[-5000:]
+    (step, losses), (ddp_step, ddp_losses) = logged_losses(tmp_path / "shared"), logged_losses(ddp_dir)
+    assert step == ddp_step == 8 and losses == pytest.approx(ddp_losses, abs=1e-4)
