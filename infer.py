@@ -16,6 +16,7 @@ from captioning import (
     PipelineError,
     atomic_write,
     caption_files,
+    compute_choice,
     load_model_and_processor,
     parse_settings,
     read_conversations,
@@ -33,6 +34,8 @@ images = ""  # comma-separated image paths or globs; empty: the held-out test im
 batch_size = 8
 max_new_tokens = 128
 output_path = ""  # one JSON record per image; empty: predictions.jsonl in the adapter's (or merged model's) folder
+precision = "auto"  # auto: bf16 on GPUs of compute capability 8.0+, fp16 on older ones (T4, V100), fp32 on a CPU | bf16 | fp16 | fp32
+attention = "auto"  # auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | sdpa | eager
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
@@ -51,6 +54,7 @@ def expand_images(spec):
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
     require_positive(cfg, "batch_size", "max_new_tokens")
+    compute = compute_choice(cfg.precision, cfg.attention)
     checkpoint_dir, run_config, base = trained_model(cfg.model, cfg.checkpoint, cfg.output_dir)
     if cfg.images:
         image_paths = expand_images(cfg.images)
@@ -62,7 +66,7 @@ def main(argv=()):
         raise PipelineError(f"none of the {len(image_paths)} images could be read: {', '.join(image_paths[:3])} "
                             "not found")
 
-    model, processor = load_model_and_processor(base, on_device=True)
+    model, processor = load_model_and_processor(base, compute, on_device=True)
     if checkpoint_dir:
         from peft import PeftModel
 

@@ -6,8 +6,9 @@
 Three measurements, each path in its own process so that peak memory is its own:
 1. data preparation, from data_vl.json to the first training batch: wall time and peak RSS;
 2. training, the recipe's 2 epochs: samples/s and tokens/s over the steps after warm-up (this project's one-off
-   encoding of the images with the frozen vision tower is counted in), peak memory, and on CUDA the model FLOPs
-   utilisation;
+   encoding of the images with the frozen vision tower is counted in), peak memory, the FLOPs of a step counted by
+   torch's FlopCounterMode on the first step, and on CUDA the model FLOPs utilisation from them (over the timed
+   steps, the encoding left out) with peak GPU memory allocated and reserved after the encoding and memory probe;
 3. captioning: images/s of batched generation against one image at a time, whether the captions agree, and the
    time of the image-and-prompt pass alone (generation stopped after one token).
 The model has random weights (speed does not depend on their values), so nothing is downloaded. Prints a table

@@ -8,7 +8,7 @@ import pytest
 
 import captioning
 import train
-from captioning import PipelineError, parse_settings
+from captioning import PipelineError, compute_choice, parse_settings
 from conftest import REPO, run
 
 DEFAULTS = {"__file__": os.path.join(REPO, "train.py"), "name": "x", "steps": 3, "rate": 1e-4, "flag": False,
@@ -76,7 +76,7 @@ def test_train_takes_training_arguments_fields_checked_by_name_and_type():
     assert given == {"lr_scheduler_type": "cosine", "warmup_steps": 0.03, "weight_decay": 0.01,
                      "save_total_limit": 3, "max_grad_norm": 0.5}
     assert cfg.learning_rate == 2e-4
-    arguments = train.trainer_arguments(cfg, None)
+    arguments = train.trainer_arguments(cfg, None, compute_choice())
     assert (arguments.lr_scheduler_type, arguments.warmup_steps, arguments.save_total_limit) == ("cosine", 0.03, 3)
     with pytest.raises(PipelineError, match=r"argument --warmup_steps\S*: invalid float value: 'a lot'"):
         train_settings(["--warmup_steps", "a lot"])

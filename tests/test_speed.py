@@ -162,6 +162,10 @@ def test_the_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
     assert len(set(captions)) == 2 and all(captions)  # each image its own text, not empty or repeated strings
     assert results["caption"]["one_at_a_time"]["captions"] == captions
     assert "| training: samples/s" in result.stdout and "captions identical batched and one at a time: yes" in result.stdout
+    # FLOPs counted by torch on a step of each path: the project's skips the vision tower (cached), the prompt's
+    # logits and the recomputation, which 6 x parameters x tokens counted for both
+    recipe, project = (results["train"][path]["flops_per_token"] for path in ("recipe", "project"))
+    assert 0 < project < recipe / 2 and "| training: GFLOP per token (counted)" in result.stdout
 
 
 def test_the_benchmark_s_data_part_runs_at_a_reduced_size(tmp_path):
