@@ -246,13 +246,12 @@ def use_feature_cache(cfg, dataset, model, deepspeed_config, num_processes):
     return FeatureCachePlan(size, folder, in_memory=size <= free_memory / 2)
 
 
-def this_node(num_processes):
+def this_node(num_processes, device):
     """(this process's rank among its node's processes, how many they are, the node's first global rank): a node's
     processes are numbered one after another, so RANK - LOCAL_RANK names the node."""
     first = int(os.environ.get("RANK", "0")) - int(os.environ.get("LOCAL_RANK", "0"))
     if num_processes == 1:
         return 0, 1, first
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     firsts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(num_processes)]
     torch.distributed.all_gather(firsts, torch.tensor([first], device=device))
     firsts = [int(rank) for rank in firsts]
@@ -289,7 +288,7 @@ def encode_images(model, processor, paths, image_size, batch_size, folder, num_p
 
     base_model = model.get_base_model()
     device = next(base_model.parameters()).device
-    local_rank, local_processes, node = this_node(num_processes)
+    local_rank, local_processes, node = this_node(num_processes, device)
     run = [secrets.token_hex(6)]
     if num_processes > 1:
         torch.distributed.broadcast_object_list(run, src=0)

@@ -47,7 +47,9 @@ def test_run_config_records_every_setting_and_replays_them(trained_run):
     assert vars(replayed) == {name: run_config[name] for name in vars(replayed)}
     assert set(run_config) - set(vars(replayed)) == {"family", "prompt", "train_json", "test_json", "swanlab_mode_used",
                                                      "swanlab_run_id", "world_size", "micro_batch_size_used",
-                                                     "gradient_checkpointing_used", "image_features_cached"}
+                                                     "gradient_checkpointing_used", "image_features_cached",
+                                                     "precision_used", "attention_used"}
+    assert (run_config["precision_used"], run_config["attention_used"]) == ("fp32", "sdpa")  # on a CPU
 
 
 def test_each_step_writes_what_the_next_one_reads(trained_run):
