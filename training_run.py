@@ -18,16 +18,24 @@ TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint
 TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng_state", "training_args.bin", TRAINER_STATE)
 
 
+def finished_writing(folder):
+    """Whether Trainer wrote the checkpoint's trainer_state.json whole: a run killed while writing it leaves it cut."""
+    try:
+        with open(os.path.join(folder, TRAINER_STATE), encoding="utf-8") as file:
+            json.load(file)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def newest_complete_checkpoint(output_dir):
     """The checkpoint-N with the highest step that Trainer finished writing, or None."""
-    complete = {step: folder for step, folder in checkpoint_folders(output_dir).items()
-                if os.path.isfile(os.path.join(folder, TRAINER_STATE))}
+    complete = {step: folder for step, folder in checkpoint_folders(output_dir).items() if finished_writing(folder)}
     return complete[max(complete)] if complete else None
 
 
 def unfinished_checkpoints(output_dir):
-    return [folder for folder in checkpoint_folders(output_dir).values()
-            if not os.path.isfile(os.path.join(folder, TRAINER_STATE))]
+    return [folder for folder in checkpoint_folders(output_dir).values() if not finished_writing(folder)]
 
 
 def space_for_a_save(model, output_dir, training_state):
