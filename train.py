@@ -309,9 +309,9 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
     """The run, phase by phase: split the data, load the model with LoRA, build the dataset, plan the steps, train,
     save the adapter, caption the held-out images."""
     mode = swanlab_run_mode(cfg.swanlab_mode) if is_main_process else "disabled"
-    args = trainer_arguments(cfg, deepspeed_config, compute)  # joins the processes, if several
-    check_shared_output_dir(cfg.output_dir, args)
-    resume_from, earlier_run = decided_by_the_main_process(lambda: resume_point(cfg, is_main_process), args)
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if alone:  # decided before the model loads, so that a finished run is refused at once
+        resume_from, earlier_run = resume_point(cfg, is_main_process)
 
     train_samples, test_samples, data = split_data(cfg, is_main_process)
 
@@ -329,6 +329,11 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
         raise PipelineError(f"no training sample is left in {cfg.json_path} after skipping the ones listed above")
 
     collator = CaptionCollator(processor.tokenizer.pad_token_id)
+    # created after the model loads, so that ZeRO-3 partitions it when DeepSpeed starts, as it always did
+    args = trainer_arguments(cfg, deepspeed_config, compute)  # joins the processes, if several
+    check_shared_output_dir(cfg.output_dir, args)
+    if not alone:  # by the main process, once all have joined and seen output_dir
+        resume_from, earlier_run = decided_by_the_main_process(lambda: resume_point(cfg, is_main_process), args)
     lora_model.to(args.device)
     args, plan = plan_speed(cfg, lora_model, processor, dataset, collator, args, deepspeed_config, compute)
     step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * args.world_size
