@@ -2,7 +2,7 @@
 #   make pipeline   installs the pipeline into .venv, runs the four steps with their default settings, then compare.py
 #   make test       installs the pipeline and pytest into .venv and runs the offline test suite
 PYTHON ?= python3
-SOURCE ?= modelscope  # data2csv.py's source: modelscope | coco | hf:<dataset id> | a local imagefolder
+SOURCE ?= auto  # data2csv.py's source: auto (modelscope, else coco) | modelscope | coco | hf:<dataset id> | a local imagefolder
 TRAIN_ARGS ?=         # extra train.py settings, e.g. TRAIN_ARGS="--num_train_epochs=1"
 VENV := .venv
 BIN := $(VENV)/bin

@@ -20,24 +20,18 @@ import time
 
 from tqdm import tqdm
 
-from captioning import (
-    BaseAndFineTuned,
-    compute_choice,
-    PipelineError,
-    atomic_write,
-    caption_cell,
-    hold,
-    parse_settings,
-    read_conversations,
-    require_positive,
-    run_script,
-    start_swanlab,
-    stop_if_disk_full,
-    swanlab_run_mode,
-    thumbnail_data_uri,
-    trained_adapter,
-    write_json,
-)
+from captioning.adapters import trained_adapter
+from captioning.data import read_conversations
+from captioning.disk_full import stop_if_disk_full
+from captioning.errors import PipelineError
+from captioning.files import atomic_write, write_json
+from captioning.generation import BaseAndFineTuned
+from captioning.locks import hold
+from captioning.pages import caption_cell, thumbnail_data_uri
+from captioning.precision import compute_choice
+from captioning.scripts import run_script
+from captioning.settings import parse_settings, require_positive
+from captioning.tracking import start_swanlab, swanlab_run_mode
 
 # ----------------------------------------------------------------------------- settings
 output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters

@@ -10,8 +10,13 @@ import io
 import json
 import os
 
-from captioning import (PipelineError, hold, parse_settings, report_skipped, run_script, stop_if_disk_full,
-                        write_json)
+from captioning.data import report_skipped
+from captioning.disk_full import stop_if_disk_full
+from captioning.errors import PipelineError
+from captioning.files import write_json
+from captioning.locks import hold
+from captioning.scripts import run_script
+from captioning.settings import parse_settings
 
 # ----------------------------------------------------------------------------- settings
 csv_path = "coco-2024-dataset.csv"  # needs columns image_path and caption; relative paths are read from its folder

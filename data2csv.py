@@ -1,6 +1,7 @@
 """Step 1: fetch COCO 2014 image/caption pairs into an image folder and a CSV.
 
-    python data2csv.py                                  # ModelScope, as the recipe does
+    python data2csv.py                                  # ModelScope as the recipe does, else the COCO files
+    python data2csv.py --source=modelscope              # ModelScope only
     python data2csv.py --source=coco                    # the official COCO 2014 files
     python data2csv.py --source=hf:<dataset id>         # a Hugging Face hub dataset
     python data2csv.py --source=path/to/imagefolder     # images + metadata.jsonl or metadata.csv
@@ -26,11 +27,16 @@ from typing import Callable, NamedTuple
 from PIL import Image
 from tqdm import tqdm
 
-from captioning import (PipelineError, atomic_write, hold, is_disk_full, parse_settings, require_positive, run_script,
-                        stop_if_disk_full, to_rgb)
+from captioning.disk_full import is_disk_full, stop_if_disk_full
+from captioning.errors import PipelineError
+from captioning.files import atomic_write
+from captioning.images import to_rgb
+from captioning.locks import hold
+from captioning.scripts import run_script
+from captioning.settings import parse_settings, require_positive
 
 # ----------------------------------------------------------------------------- settings
-source = "modelscope"  # modelscope | coco | hf:<dataset id> | path to a local imagefolder
+source = "auto"  # auto: modelscope, else coco where it fails (it does upstream) | modelscope | coco | hf:<id> | a folder
 max_data_number = 500  # how many image/caption rows to take from the start of the source; -1: all of them
 all_captions = False  # true: max_data_number counts images instead, each with all its captions (evaluation sets)
 image_dir = "coco_2014_caption"  # images are saved here as {image_id}.jpg
@@ -173,6 +179,8 @@ def read_bytes(path):
 
 
 def open_source(cfg):
+    if cfg.source == "auto":
+        return modelscope_else_coco_rows(cfg)
     if cfg.source == "modelscope":
         return modelscope_rows(cfg)
     if cfg.source == "coco":
@@ -181,7 +189,26 @@ def open_source(cfg):
         return hub_rows(cfg, cfg.source[3:])
     if os.path.isdir(cfg.source):
         return imagefolder_rows(cfg, cfg.source)
-    raise PipelineError(f"unknown source {cfg.source!r}: use modelscope, or {SOURCE_HELP}")
+    raise PipelineError(f"unknown source {cfg.source!r}: use auto, modelscope, or {SOURCE_HELP}")
+
+
+def modelscope_else_coco_rows(cfg):
+    """The recipe's ModelScope rows; where its first row cannot be had (upstream the dataset is broken), the official
+    COCO files instead, saying so."""
+    rows = modelscope_rows(cfg)
+    try:
+        first = next(rows)
+    except StopIteration:
+        return
+    except PipelineError as error:
+        cause = error.__cause__ or error
+        print(f"source=auto: the recipe's ModelScope dataset failed ({type(cause).__name__}: {cause}); using "
+              "the official COCO 2014 files instead. Choose a source with --source=modelscope, coco, "
+              "hf:<dataset id> or a folder")
+        yield from coco_rows(cfg)
+        return
+    yield first
+    yield from rows
 
 
 # ----------------------------------------------------------------------------- downloads

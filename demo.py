@@ -10,8 +10,12 @@ served by Gradio on this machine only; --host=0.0.0.0 opens it to others on your
 import html
 import os
 
-from captioning import (BaseAndFineTuned, PipelineError, caption_cell, compute_choice, parse_settings, require_positive,
-                        run_script, thumbnail_data_uri)
+from captioning.errors import PipelineError
+from captioning.generation import BaseAndFineTuned
+from captioning.pages import caption_cell, thumbnail_data_uri
+from captioning.precision import compute_choice
+from captioning.scripts import run_script
+from captioning.settings import parse_settings, require_positive
 
 # ----------------------------------------------------------------------------- settings
 output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters

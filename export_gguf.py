@@ -16,8 +16,14 @@ import sys
 import tarfile
 import tempfile
 
-from captioning import (RUN_CONFIG, PipelineError, folder_size, hold, model_family, parse_settings,
-                        read_run_config, run_script, stop_if_disk_full, written_whole)
+from captioning.adapters import RUN_CONFIG, read_run_config
+from captioning.disk_full import stop_if_disk_full
+from captioning.errors import PipelineError
+from captioning.files import folder_size, written_whole
+from captioning.locks import hold
+from captioning.models import model_family
+from captioning.scripts import run_script
+from captioning.settings import parse_settings
 
 # ----------------------------------------------------------------------------- settings
 merged_dir = "output/Qwen2-VL-2B-merged"  # written by merge.py

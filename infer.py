@@ -12,19 +12,16 @@ import glob
 import json
 import os
 
-from captioning import (
-    PipelineError,
-    atomic_write,
-    caption_files,
-    compute_choice,
-    load_model_and_processor,
-    parse_settings,
-    read_conversations,
-    require_positive,
-    run_script,
-    stop_if_disk_full,
-    trained_model,
-)
+from captioning.adapters import trained_model
+from captioning.data import read_conversations
+from captioning.disk_full import stop_if_disk_full
+from captioning.errors import PipelineError
+from captioning.files import atomic_write
+from captioning.generation import caption_files
+from captioning.models import load_model_and_processor
+from captioning.precision import compute_choice
+from captioning.scripts import run_script
+from captioning.settings import parse_settings, require_positive
 
 # ----------------------------------------------------------------------------- settings
 model = ""  # base model; empty: the one training used (run_config.json); a folder from merge.py needs no adapter

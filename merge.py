@@ -11,22 +11,15 @@ files and config fields that transformers 4 reads; every file is readable by all
 """
 import os
 
-from captioning import (
-    RUN_CONFIG,
-    PipelineError,
-    add_config_fields_for_transformers_4,
-    hold,
-    load_model_and_processor,
-    parse_settings,
-    readable_by_all,
-    resolve_model,
-    run_script,
-    save_processor,
-    stop_if_disk_full,
-    trained_adapter,
-    write_json,
-    written_whole,
-)
+from captioning.adapters import RUN_CONFIG, trained_adapter
+from captioning.disk_full import stop_if_disk_full
+from captioning.errors import PipelineError
+from captioning.files import readable_by_all, write_json, written_whole
+from captioning.locks import hold
+from captioning.model_files import add_config_fields_for_transformers_4, save_processor
+from captioning.models import load_model_and_processor, resolve_model
+from captioning.scripts import run_script
+from captioning.settings import parse_settings
 
 # ----------------------------------------------------------------------------- settings
 output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters

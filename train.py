@@ -13,19 +13,26 @@ import os
 from collections import Counter
 from contextlib import nullcontext
 
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from captioning import (END_OF_TURN, IGNORE_INDEX, RUN_CONFIG, PipelineError, build_messages, caption_files,
-                        checked_image_size, compute_choice, hold, load_image, load_model_and_processor, model_family,
-                        parse_dataclass_settings, parse_settings, pin_image_size, read_conversations, report_skipped, require_positive,
-                        resolve_model, run_script, start_swanlab, swanlab_run_mode, write_json)
-from speed import (CaptionTrainer, LengthGroupedSampler, SamplerEpochs, check_speed_settings, keep_caption_logits_only,
-                   pass_cached_image_features, plan_speed)
-from training_run import (ReadableCheckpoints, check_shared_output_dir, decided_by_the_main_process, prepare_launch,
-                          resolve_deepspeed, resume_point, save_final_adapter, train_until_done)
+from captioning.adapters import RUN_CONFIG
+from captioning.chat import END_OF_TURN, IGNORE_INDEX, build_messages
+from captioning.data import read_conversations, report_skipped
+from captioning.errors import PipelineError
+from captioning.files import write_json
+from captioning.generation import caption_files
+from captioning.images import load_image
+from captioning.locks import hold
+from captioning.model_files import pin_image_size
+from captioning.models import checked_image_size, load_model_and_processor, model_family, resolve_model
+from captioning.precision import compute_choice
+from captioning.scripts import run_script
+from captioning.settings import parse_dataclass_settings, parse_settings, require_positive
+from captioning.tracking import start_swanlab, swanlab_run_mode
+
+# torch, transformers and the modules built on them (captioning.speed, captioning.training_run) are imported where
+# they are used, so that --help answers at once
 
 # ----------------------------------------------------------------------------- settings
 model = "Qwen/Qwen2-VL-2B-Instruct"  # a Qwen2-VL, Qwen2.5-VL or Qwen3-VL: hub id (ModelScope, into ./Qwen/...) or folder
@@ -112,6 +119,8 @@ def encode_sample(processor, image, prompt, answer_ids):
 
 def with_answer(inputs, answer_ids):
     """The prompt's tensors with the answer appended to each per-token row; labels supervise only the answer."""
+    import torch
+
     answer = torch.tensor(answer_ids)
     # per-token rows get the answer appended: its ids, mask 1, and 0 in extras such as mm_token_type_ids (text)
     answer_rows = {"input_ids": answer, "attention_mask": torch.ones_like(answer)}
@@ -123,7 +132,7 @@ def with_answer(inputs, answer_ids):
     return sample
 
 
-class CaptionDataset(Dataset):
+class CaptionDataset:
     """Samples encoded on the fly, after dropping those whose image is missing or that are too long. Images are
     preprocessed in every step that uses them, unless image_features holds their vision features (encode_images)."""
 
@@ -167,12 +176,16 @@ class CaptionDataset(Dataset):
 class CaptionCollator:
     """Pads token sequences on the right and joins the images: pixel_values (or cached image_features) are
     concatenated rows and image_grid_thw is stacked, so images of different sizes each keep their own row count.
-    Hands cached image features to the model and asks for logits only where the loss needs them (speed.py)."""
+    Hands cached image features to the model and asks for logits only where the loss needs them (captioning/speed.py)."""
 
     def __init__(self, pad_token_id):
         self.pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
 
     def __call__(self, samples):
+        import torch
+
+        from captioning.speed import keep_caption_logits_only, pass_cached_image_features
+
         batch = {}
         longest = max(len(sample["input_ids"]) for sample in samples)
         for key in samples[0]:
@@ -205,6 +218,9 @@ def check_settings(cfg):
     """Refuse what train.py cannot use before the model or data load; returns the DeepSpeed config file, if any, and
     the Compute (precision and attention) to train with. Sets image_size to the model family's default when it is 0,
     so that run_config.json records the size used."""
+    from captioning.speed import check_speed_settings
+    from captioning.training_run import resolve_deepspeed
+
     cfg.image_size = checked_image_size(cfg.image_size, model_family(cfg.model))
     require_positive(cfg, "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "max_new_tokens")
     if cfg.resume not in ("auto", "never"):
@@ -272,6 +288,10 @@ def trainer_arguments(cfg, deepspeed_config, compute):
 def train(trainer, resume_from, plan):
     """Train, then save trainer_state.json and train_results.json at the top of output_dir, as the Hugging Face
     example scripts do."""
+    import torch
+
+    from captioning.training_run import train_until_done
+
     try:
         result = train_until_done(trainer, resume_from)
     except torch.cuda.OutOfMemoryError as error:
@@ -308,15 +328,19 @@ def caption_held_out(cfg, lora_model, processor, test_samples, prompt, is_main_p
 def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
     """The run, phase by phase: split the data, load the model with LoRA, build the dataset, plan the steps, train,
     save the adapter, caption the held-out images."""
+    from swanlab.integration.transformers import SwanLabCallback
+    from transformers import set_seed
+
+    from captioning.speed import CaptionTrainer, LengthGroupedSampler, SamplerEpochs, plan_speed
+    from captioning.training_run import (ReadableCheckpoints, check_shared_output_dir, decided_by_the_main_process,
+                                         resume_point, save_final_adapter)
+
     mode = swanlab_run_mode(cfg.swanlab_mode) if is_main_process else "disabled"
     alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
     if alone:  # decided before the model loads, so that a finished run is refused at once
         resume_from, earlier_run = resume_point(cfg, is_main_process)
 
     train_samples, test_samples, data = split_data(cfg, is_main_process)
-
-    from swanlab.integration.transformers import SwanLabCallback
-    from transformers import set_seed
 
     set_seed(cfg.seed)
     model_folder = resolve_model(cfg.model)
@@ -360,12 +384,15 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
 
 
 def main(argv=()):
-    prepare_launch()
     is_main_process = int(os.environ.get("RANK", "0")) == 0  # only it writes files, logs and prints captions
     cfg = parse_settings(globals(), argv, more_settings=training_arguments)
+    from captioning.training_run import prepare_launch
+
+    prepare_launch()  # before any CUDA query: it may set CUDA_VISIBLE_DEVICES
     deepspeed_config, compute = check_settings(cfg)
     with hold(cfg.output_dir) if is_main_process else nullcontext():  # one run per output_dir at a time
         train_and_caption(cfg, deepspeed_config, compute, is_main_process)
+
 
 if __name__ == "__main__":
     run_script(main)

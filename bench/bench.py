@@ -28,7 +28,11 @@ from types import SimpleNamespace
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
-from captioning import FAMILIES, PipelineError, checked_image_size, parse_settings, run_script, write_json  # noqa: E402
+from captioning.errors import PipelineError  # noqa: E402
+from captioning.files import write_json  # noqa: E402
+from captioning.models import FAMILIES, checked_image_size  # noqa: E402
+from captioning.scripts import run_script  # noqa: E402
+from captioning.settings import parse_settings  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 images = 496  # training images at image_size x image_size, as in the recipe's published run
@@ -177,7 +181,7 @@ def recipe_collator(processor):
 
 def project_dataset(cfg, processor, count):
     import train
-    from captioning import read_conversations
+    from captioning.data import read_conversations
 
     samples = read_conversations(os.path.join(cfg.work_dir, "data_vl.json"))[:count]
     return train.CaptionDataset(samples, processor, cfg.image_size, max_length=8192)
@@ -224,7 +228,8 @@ def measure_data(cfg, path_name):
 def model_and_device(cfg):
     import torch
 
-    from captioning import compute_choice, load_model_and_processor
+    from captioning.models import load_model_and_processor
+    from captioning.precision import compute_choice
 
     compute = compute_choice()
     model, processor = load_model_and_processor(os.path.join(cfg.work_dir, "model"), compute, on_device=True)
@@ -240,7 +245,7 @@ def measure_training(cfg, path_name):
     from peft import LoraConfig, get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
 
-    import speed
+    from captioning import speed
     import train
 
     model, processor, compute = model_and_device(cfg)
@@ -330,7 +335,8 @@ def captions_a_person_can_compare(model, tokenizer):
 
 
 def measure_captioning(cfg, path_name):
-    from captioning import generate_captions, load_image
+    from captioning.generation import generate_captions
+    from captioning.images import load_image
 
     model, processor, *_ = model_and_device(cfg)  # the model is already on its device
     captions_a_person_can_compare(model, processor.tokenizer)

@@ -68,7 +68,7 @@ def family_processor(family_model):
 @pytest.fixture(scope="session")
 def family_side(family_model):
     """The smallest image side the family trains on well: 2x2 merged patches, so 4 image tokens."""
-    from captioning import model_family
+    from captioning.models import model_family
 
     return 2 * model_family(family_model).side_multiple
 

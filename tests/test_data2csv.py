@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import data2csv
-from captioning import PipelineError
+from captioning.errors import PipelineError
 from conftest import (REPO, COCO_CAPTIONS, COCO_IMAGES, FakeMsDataset, coco_args, jpeg_bytes, make_imagefolder, read_csv,
                       serve_coco)
 
@@ -84,6 +84,40 @@ def test_modelscope_source_reads_the_recipe_fields(tmp_path, monkeypatch):
                    "--all_captions=true"])  # one whole image: both of its captions
     assert [(row["image_id"], row["caption"]) for row in read_csv(tmp_path / "data.csv")] == [("9", "a cat"),
                                                                                                ("9", "the same cat")]
+
+
+def dataset_scripts_refused(*args, **kwargs):  # what datasets >= 4 answers for this dataset (modelscope issue 1769)
+    raise RuntimeError("Dataset scripts are no longer supported, but found coco_2014_caption.py")
+
+
+@pytest.mark.parametrize("load", [lambda *args, **kwargs: FakeMsDataset([{"image_id": "9"}], broken_from=0),
+                                  dataset_scripts_refused], ids=["images missing", "dataset scripts refused"])
+def test_auto_source_takes_the_coco_files_when_modelscope_fails_as_upstream(tmp_path, file_server, monkeypatch,
+                                                                            capsys, load):
+    from modelscope.msdatasets import MsDataset
+
+    monkeypatch.setattr(MsDataset, "load", load)
+    url = serve_coco(file_server, COCO_IMAGES, COCO_CAPTIONS)
+    data2csv.main(["--source=auto", *coco_args(tmp_path, url)[1:]])
+
+    said = capsys.readouterr().out
+    assert "source=auto: the recipe's ModelScope dataset failed (" in said
+    assert "using the official COCO 2014 files instead. Choose a source with --source=modelscope, coco" in said
+    assert [(row["image_id"], row["caption"]) for row in read_csv(tmp_path / "data.csv")] == [
+        (str(image_id), caption) for image_id, caption in COCO_CAPTIONS[:5]]
+
+
+def test_auto_source_keeps_a_working_modelscope_dataset(tmp_path, file_server, monkeypatch, capsys):
+    from modelscope.msdatasets import MsDataset
+
+    rows = [{"image_id": "9", "caption": "a cat", "image": Image.new("RGB", (20, 20), "red")}]
+    monkeypatch.setattr(MsDataset, "load", lambda *args, **kwargs: FakeMsDataset(rows))
+    url = serve_coco(file_server, COCO_IMAGES, COCO_CAPTIONS)
+    data2csv.main(coco_args(tmp_path, url)[1:])  # the default source
+
+    assert "source=auto" not in capsys.readouterr().out
+    assert [(row["image_id"], row["caption"]) for row in read_csv(tmp_path / "data.csv")] == [("9", "a cat")]
+    assert file_server.requests["/annotations/annotations_trainval2014.zip"] == 0
 
 
 def test_hub_dataset_source_with_a_list_of_captions(tmp_path):

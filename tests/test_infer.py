@@ -5,7 +5,9 @@ import pytest
 from PIL import Image
 
 import infer
-from captioning import PipelineError, generate_captions, newest_checkpoint, read_run_config
+from captioning.adapters import newest_checkpoint, read_run_config
+from captioning.errors import PipelineError
+from captioning.generation import generate_captions
 
 
 def make_adapter(folder, saved_at):

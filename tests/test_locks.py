@@ -13,8 +13,8 @@ from conftest import REPO, make_imagefolder, run, start_and_wait_for
 
 
 def holder(path):
-    """A separate process that holds path with captioning.hold until it is killed."""
-    code = f"import sys, time; sys.path.insert(0, {REPO!r}); from captioning import hold\n" \
+    """A separate process that holds path with captioning.locks.hold until it is killed."""
+    code = f"import sys, time; sys.path.insert(0, {REPO!r}); from captioning.locks import hold\n" \
            f"with hold({str(path)!r}):\n    print('held', flush=True); time.sleep(600)"
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "held"

@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 import train
-from captioning import parse_settings
+from captioning.settings import parse_settings
 from conftest import REPO, COLOR_CAPTIONS, chromium, make_imagefolder, run, transformers_release
 from tiny_qwen2vl import BUILDERS
 
@@ -136,7 +136,8 @@ def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(trained_run, ti
     from peft import PeftModel
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-    from captioning import build_messages, load_image
+    from captioning.chat import build_messages
+    from captioning.images import load_image
 
     processor = AutoProcessor.from_pretrained(merged_dir)
     image = load_image(str(work / "coco_2014_caption" / "red.jpg"), 56)

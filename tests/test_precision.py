@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import captioning
-from captioning import PipelineError
+from captioning import generation, precision
+from captioning.errors import PipelineError
 
 
 @pytest.mark.parametrize("capability, flash_attn, expected", [
@@ -21,9 +21,9 @@ from captioning import PipelineError
     (None, True, ("fp32", "sdpa")),  # a CPU
 ])
 def test_precision_and_attention_follow_the_gpu_s_compute_capability(monkeypatch, capability, flash_attn, expected):
-    monkeypatch.setattr(captioning, "gpu_capability", lambda: capability)
-    monkeypatch.setattr(captioning, "flash_attention_2_installed", lambda: flash_attn)
-    compute = captioning.compute_choice()
+    monkeypatch.setattr(precision, "gpu_capability", lambda: capability)
+    monkeypatch.setattr(precision, "flash_attention_2_installed", lambda: flash_attn)
+    compute = precision.compute_choice()
     assert (compute.precision, compute.attention) == expected
     assert compute.device == ("cpu" if capability is None else "cuda")
     assert str(compute) == ", ".join(expected)  # as train.py's plan line names them
@@ -31,28 +31,28 @@ def test_precision_and_attention_follow_the_gpu_s_compute_capability(monkeypatch
 
 
 def test_the_settings_override_the_choice_unless_the_machine_cannot_run_it(monkeypatch):
-    monkeypatch.setattr(captioning, "flash_attention_2_installed", lambda: True)
-    monkeypatch.setattr(captioning, "gpu_capability", lambda: (7, 5))
-    assert captioning.compute_choice("fp32", "auto")[1:] == ("fp32", "sdpa")
-    assert captioning.compute_choice("bf16", "eager")[1:] == ("bf16", "eager")
+    monkeypatch.setattr(precision, "flash_attention_2_installed", lambda: True)
+    monkeypatch.setattr(precision, "gpu_capability", lambda: (7, 5))
+    assert precision.compute_choice("fp32", "auto")[1:] == ("fp32", "sdpa")
+    assert precision.compute_choice("bf16", "eager")[1:] == ("bf16", "eager")
     with pytest.raises(PipelineError, match=r"--attention=flash_attention_2 cannot run on this GPU of compute "
                                             r"capability 7.5 in fp16: .* Use --attention=sdpa"):
-        captioning.compute_choice("auto", "flash_attention_2")
-    monkeypatch.setattr(captioning, "gpu_capability", lambda: (9, 0))
+        precision.compute_choice("auto", "flash_attention_2")
+    monkeypatch.setattr(precision, "gpu_capability", lambda: (9, 0))
     with pytest.raises(PipelineError, match="cannot run on this GPU of compute capability 9.0 in fp32"):
-        captioning.compute_choice("fp32", "flash_attention_2")
-    monkeypatch.setattr(captioning, "gpu_capability", lambda: None)
+        precision.compute_choice("fp32", "flash_attention_2")
+    monkeypatch.setattr(precision, "gpu_capability", lambda: None)
     with pytest.raises(PipelineError, match="--precision=fp16 needs a GPU"):
-        captioning.compute_choice("fp16", "auto")
+        precision.compute_choice("fp16", "auto")
     with pytest.raises(PipelineError, match="--precision=half: use auto, bf16, fp16, fp32"):
-        captioning.compute_choice("half", "auto")
+        precision.compute_choice("half", "auto")
 
 
 def test_train_py_trains_in_the_chosen_precision(monkeypatch):
     import train
 
-    monkeypatch.setattr(captioning, "gpu_capability", lambda: (7, 5))
-    monkeypatch.setattr(captioning, "flash_attention_2_installed", lambda: True)
+    monkeypatch.setattr(precision, "gpu_capability", lambda: (7, 5))
+    monkeypatch.setattr(precision, "flash_attention_2_installed", lambda: True)
     cfg = train.parse_settings(vars(train), ["--model=not-downloaded/Qwen2-VL-2B-Instruct"])
     _, compute = train.check_settings(cfg)
     assert compute == ("cuda", "fp16", "sdpa")
@@ -88,6 +88,6 @@ def test_captioning_with_an_adapter_computes_in_the_base_model_s_precision(tmp_p
     assert {p.dtype for name, p in model.named_parameters() if "lora_" in name} == {torch.float32}  # peft upcasts
     image = Image.new("RGB", (56, 56), "red")
     with MatmulDtypes() as matmuls:
-        [caption] = captioning.generate_captions(model, tiny_processor, [image], "COCO Yes:", max_new_tokens=3,
+        [caption] = generation.generate_captions(model, tiny_processor, [image], "COCO Yes:", max_new_tokens=3,
                                                  batch_size=1, show_progress=False)
     assert matmuls.seen == {torch.bfloat16}  # the adapter's matmuls too, not fp32

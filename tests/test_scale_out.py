@@ -15,8 +15,9 @@ import torch
 import csv2json
 import data2csv
 import train
-import training_run
-from captioning import PipelineError, checkpoint_folders
+from captioning import training_run
+from captioning.adapters import checkpoint_folders
+from captioning.errors import PipelineError
 from conftest import REPO, make_imagefolder, run, start_and_wait_for
 
 COMMON = ["--image_size=56", "--learning_rate=5e-3", "--gradient_accumulation_steps=1", "--swanlab_mode=disabled",

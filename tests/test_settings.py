@@ -6,9 +6,11 @@ import re
 
 import pytest
 
-import captioning
+from captioning import models, settings
 import train
-from captioning import PipelineError, compute_choice, parse_settings
+from captioning.errors import PipelineError
+from captioning.precision import compute_choice
+from captioning.settings import parse_settings
 from conftest import REPO, run
 
 DEFAULTS = {"__file__": os.path.join(REPO, "train.py"), "name": "x", "steps": 3, "rate": 1e-4, "flag": False,
@@ -103,7 +105,7 @@ def test_help_lists_every_setting_with_its_default_and_meaning(script, capsys):
     assert exit_info.value.code == 0
     shown = " ".join(capsys.readouterr().out.split())
     entries = {entry.split()[0]: entry for entry in re.split(r" (?=--\w+ \[?\w+\]? )", shown)}
-    comments = captioning.settings_comments(module.__file__)
+    comments = settings.settings_comments(module.__file__)
     for name in block_names(script):
         entry = entries[f"--{name}"]
         assert f"(default: {getattr(module, name)!r})" in entry, entry
@@ -152,7 +154,8 @@ def loaders_that_must_not_run(monkeypatch):
     def loader_called(*args, **kwargs):
         raise AssertionError("the model loader was called")
 
-    for module_name in ("captioning", "train", "infer", "compare", "merge"):
+    for module_name in ("captioning.models", "captioning.data", "captioning.adapters", "captioning.generation", "train",
+                        "infer", "compare", "merge"):
         module = importlib.import_module(module_name)
         for name in ("load_model_and_processor", "resolve_model", "read_conversations", "trained_adapter"):
             if hasattr(module, name):
@@ -190,10 +193,10 @@ def test_hub_model_ids_are_fetched_with_modelscope_into_the_working_folder(monke
     calls = []
     monkeypatch.setattr(modelscope, "snapshot_download", lambda *a, **k: calls.append((a, k)) or "./Qwen/X")
     monkeypatch.chdir(tmp_path)
-    assert captioning.resolve_model("Qwen/X") == "./Qwen/X"
+    assert models.resolve_model("Qwen/X") == "./Qwen/X"
     assert calls == [(("Qwen/X",), {"cache_dir": "./"})]
     (tmp_path / "Qwen" / "X").mkdir(parents=True)
-    assert captioning.resolve_model("Qwen/X") == "Qwen/X"  # already downloaded: no second call
+    assert models.resolve_model("Qwen/X") == "Qwen/X"  # already downloaded: no second call
     assert len(calls) == 1
 
 
@@ -206,4 +209,4 @@ def test_a_failed_model_download_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(modelscope, "snapshot_download", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PipelineError, match=r"ModelScope failed \(ConnectionError: no network\).*--model="):
-        captioning.resolve_model("Qwen/X")
+        models.resolve_model("Qwen/X")

@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-import speed
+from captioning import speed
 import train
-from captioning import IGNORE_INDEX, Compute, PipelineError
+from captioning.chat import IGNORE_INDEX
+from captioning.errors import PipelineError
+from captioning.precision import Compute
 from bench.bench import recipe_collator, recipe_process_func
 
 CAPTIONS = ["a red square on a table", "a green field under the sky", "a blue boat", "a yellow cat sleeping"]

@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 import train
-from captioning import PipelineError, read_conversations, start_swanlab, swanlab_run_mode
+from captioning.data import read_conversations
+from captioning.errors import PipelineError
+from captioning.tracking import start_swanlab, swanlab_run_mode
 
 
 def sample(image_path, caption, prompt="COCO Yes:"):
@@ -111,7 +113,7 @@ def test_lora_adapts_only_the_language_model(family_model):
 
 
 def test_the_family_comes_from_config_json_and_sets_the_image_size(family_model, tmp_path):
-    from captioning import FAMILIES, checked_image_size, model_family
+    from captioning.models import FAMILIES, checked_image_size, model_family
 
     family = model_family(family_model)
     with open(os.path.join(family_model, "config.json")) as file:

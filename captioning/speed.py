@@ -22,7 +22,9 @@ import psutil
 import torch
 from transformers import Trainer, TrainerCallback
 
-from captioning import IGNORE_INDEX, PipelineError, load_image
+from captioning.chat import IGNORE_INDEX
+from captioning.errors import PipelineError
+from captioning.images import load_image
 
 SPEED_CHOICES = ("auto", "true", "false")
 ZERO3_SPLITS_THE_VISION_TOWER = "DeepSpeed ZeRO-3 splits the vision tower across GPUs"

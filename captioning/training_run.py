@@ -10,8 +10,11 @@ import socket
 import torch
 from transformers import TrainerCallback
 
-from captioning import (ADAPTER_CONFIG, RUN_CONFIG, PipelineError, checkpoint_folders, readable_by_all, save_processor,
-                        stop_if_disk_full)
+from captioning.adapters import ADAPTER_CONFIG, RUN_CONFIG, checkpoint_folders
+from captioning.disk_full import stop_if_disk_full
+from captioning.errors import PipelineError
+from captioning.files import readable_by_all
+from captioning.model_files import save_processor
 
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint: its presence marks a complete one
 # what a checkpoint holds beside the adapter and processor files
@@ -194,11 +197,14 @@ class ReadableCheckpoints(TrainerCallback):
             readable_by_all(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
 
+DEEPSPEED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepspeed")  # beside train.py
+
+
 def resolve_deepspeed(choice):
     """The DeepSpeed config file for the deepspeed setting, or None."""
     if not choice:
         return None
-    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspeed", f"{choice}.json")
+    shipped = os.path.join(DEEPSPEED_CONFIGS, f"{choice}.json")
     path = shipped if choice in ("zero2", "zero3") else choice
     if not os.path.isfile(path):
         raise PipelineError(f"--deepspeed={choice}: use zero2, zero3 or the path of a DeepSpeed JSON config")

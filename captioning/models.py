@@ -1,0 +1,82 @@
+"""The Qwen-VL families this project fine-tunes, their image sizes, and loading a model with its processor."""
+
+import json
+import os
+from typing import NamedTuple
+
+from captioning.errors import PipelineError
+from captioning.precision import compute_choice
+
+
+def resolve_model(model):
+    """A local model folder as given, or a hub id downloaded with ModelScope into ./<id> as the recipe does."""
+    if os.path.isdir(model):
+        return model
+    print(f"model {model!r} is not a local folder: downloading it from ModelScope into ./{model}")
+    try:
+        from modelscope import snapshot_download
+
+        return snapshot_download(model, cache_dir="./")
+    except Exception as error:
+        raise PipelineError(
+            f"downloading the model {model!r} from ModelScope failed ({type(error).__name__}: {error}). "
+            "Download it another way (e.g. `huggingface-cli download Qwen/Qwen2-VL-2B-Instruct --local-dir "
+            "Qwen2-VL-2B-Instruct`) and pass the folder as --model=Qwen2-VL-2B-Instruct"
+        ) from error
+
+
+class Family(NamedTuple):
+    name: str
+    side_multiple: int  # image sides in multiples of the patch size times the 2x2 merge
+    image_size: int  # the default side
+
+
+# the Qwen-VL families this project fine-tunes, by the model_type in their config.json
+FAMILIES = {
+    "qwen2_vl": Family("Qwen2-VL", 28, 280),
+    "qwen2_5_vl": Family("Qwen2.5-VL", 28, 280),
+    "qwen3_vl": Family("Qwen3-VL", 32, 288),
+}
+
+
+def model_family(model):
+    """The Family of a model folder, from its config.json, or of a hub id not yet downloaded, from its name."""
+    config_path = os.path.join(model, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as file:
+            model_type = json.load(file).get("model_type")
+        if model_type not in FAMILIES:
+            raise PipelineError(f"{model} holds a {model_type!r} model; this project fine-tunes "
+                                f"{', '.join(family.name for family in FAMILIES.values())} (model_type "
+                                f"{', '.join(FAMILIES)})")
+        return FAMILIES[model_type]
+    named = [family for family in FAMILIES.values() if f"{family.name.lower()}-" in os.path.basename(model).lower()]
+    if not named:
+        raise PipelineError(f"cannot tell which Qwen-VL family {model!r} is: no config.json there, and its name "
+                            "does not say. Download the model and pass its folder as --model")
+    return named[0]
+
+
+def checked_image_size(image_size, family):
+    """image_size, or the family's default for 0, refused unless the family's patches tile it."""
+    image_size = image_size or family.image_size
+    if image_size < 0 or image_size % family.side_multiple:
+        raise PipelineError(f"--image_size={image_size}: {family.name} needs a positive multiple of "
+                            f"{family.side_multiple} ({family.side_multiple // 2}-pixel patches merged 2x2), e.g. "
+                            f"{family.image_size}")
+    return image_size
+
+
+def load_model_and_processor(model, compute=None, on_device=False, dtype=None):
+    """A Qwen-VL model (the class its config.json names) and its processor from a local folder or hub id,
+    safetensors only: in dtype if given, else in compute's precision (compute_choice() when not given), with its
+    attention; moved to its device when on_device, else left on the CPU for Trainer to place."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = resolve_model(model)
+    model_family(path)
+    compute = compute or compute_choice()
+    processor = AutoProcessor.from_pretrained(path)
+    base_model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype or compute.dtype, use_safetensors=True, attn_implementation=compute.attention)
+    return base_model.to(compute.device) if on_device else base_model, processor
