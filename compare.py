@@ -26,6 +26,7 @@ from captioning.disk_full import stop_if_disk_full
 from captioning.errors import PipelineError
 from captioning.files import atomic_write, write_json
 from captioning.generation import BaseAndFineTuned
+from captioning.images import trained_geometry
 from captioning.locks import hold
 from captioning.pages import caption_cell, thumbnail_data_uri
 from captioning.precision import compute_choice
@@ -289,7 +290,7 @@ def evaluate(cfg, compute, mode, checkpoint_dir, run_config, report_dir):
     table = metrics_table(metrics, skipped, approximate)
     print(table)
     rows = [{"image_path": path, "references": references[path], "base": captions["base"][path],
-             "fine_tuned": captions["fine_tuned"][path], "thumbnail": thumbnail_data_uri(path, run_config["image_size"])}
+             "fine_tuned": captions["fine_tuned"][path], "thumbnail": thumbnail_data_uri(path, trained_geometry(run_config))}
             for path in paths]
 
     title = f"Base vs fine-tuned captions: {len(rows)} images of {os.path.basename(eval_json)}"

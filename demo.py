@@ -12,6 +12,7 @@ import os
 
 from captioning.errors import PipelineError
 from captioning.generation import BaseAndFineTuned
+from captioning.images import trained_geometry
 from captioning.pages import caption_cell, thumbnail_data_uri
 from captioning.precision import compute_choice
 from captioning.scripts import run_script
@@ -33,17 +34,20 @@ debug = False  # show the full traceback of a failure
 MODELS = {"base": "base model", "fine_tuned": "fine-tuned"}
 
 
-def side_by_side(captions, image_size):
-    """An HTML table: each image as the model saw it, with the base and the fine-tuned caption."""
+def side_by_side(captions, geometry, skipped=()):
+    """An HTML table: each image as the model saw it, with the base and the fine-tuned caption; below it, the files
+    skipped, so they stay listed after the notice goes."""
     rows = "".join(
-        f"<tr><td><img src='{thumbnail_data_uri(path, image_size, side=160)}'></td>"
+        f"<tr><td><img src='{thumbnail_data_uri(path, geometry, side=160)}'></td>"
         f"<td class='file'>{html.escape(os.path.basename(path))}</td>"
         + "".join(f"<td class='{key}'>{caption_cell(captions[key][path])}</td>" for key in MODELS)
         + "</tr>"
         for path in captions["fine_tuned"]
     )
     header = "".join(f"<th>{label}</th>" for label in MODELS.values())
-    return f"<table class='captions'><tr><th>image</th><th>file</th>{header}</tr>{rows}</table>"
+    listed = (f"<p class='skipped'>Skipped, not an image that can be read: {html.escape(', '.join(skipped))}</p>"
+              if skipped else "")
+    return f"<table class='captions'><tr><th>image</th><th>file</th>{header}</tr>{rows}</table>{listed}"
 
 
 def page(cfg, models):
@@ -64,13 +68,13 @@ def page(cfg, models):
             gr.Warning(f"Skipped {', '.join(not_images)}: not an image that can be read.")
         if not captions["fine_tuned"]:
             raise gr.Error(f"None of the files is an image that can be read: {', '.join(not_images)}.")
-        return side_by_side(captions, settings["image_size"])
+        return side_by_side(captions, trained_geometry(settings), not_images)
 
     with gr.Blocks(title="Base vs fine-tuned captions", analytics_enabled=False) as blocks:
         gr.Markdown(
             f"## Base vs fine-tuned captions\nFine-tuned: `{models.names['fine_tuned']}` · base: "
-            f"`{models.names['base']}` · prompt `{settings['prompt']}` · images resized to "
-            f"{settings['image_size']}x{settings['image_size']}, as in training")
+            f"`{models.names['base']}` · prompt `{settings['prompt']}` · images {trained_geometry(settings)}, as in "
+            "training")
         files = gr.File(label="Drop or pick images", file_count="multiple", elem_id="images")
         button = gr.Button("Caption", variant="primary", elem_id="caption")
         table = gr.HTML(elem_id="captions")

@@ -20,6 +20,7 @@ from captioning.adapters import RUN_CONFIG, read_run_config
 from captioning.disk_full import stop_if_disk_full
 from captioning.errors import PipelineError
 from captioning.files import folder_size, written_whole
+from captioning.images import trained_geometry
 from captioning.locks import hold
 from captioning.models import model_family
 from captioning.scripts import run_script
@@ -116,7 +117,11 @@ def main(argv=()):
     if not os.path.isfile(converter):
         raise PipelineError(f"--llama_cpp={cfg.llama_cpp} has no convert_hf_to_gguf.py: give llama.cpp's source folder")
 
-    image_tokens = (run_config["image_size"] // family.side_multiple) ** 2
+    geometry = trained_geometry(run_config)
+    most_tokens = geometry.tokens((geometry.image_size, geometry.image_size))
+    # llama.cpp sizes a photo with the processor's smart_resize between these token counts: from one merged patch
+    # up, as training's geometry does; a square run's min = max only fixes the area, as llama.cpp keeps the shape
+    fewest_tokens = most_tokens if geometry.square else 1
     with hold(gguf_dir), tempfile.TemporaryDirectory() as view:
         conversion_view(cfg.merged_dir, run_config["image_size"], view)
         with stop_if_disk_full(gguf_dir, "the GGUF files", lambda: folder_size(cfg.merged_dir) * len(requested),
@@ -128,8 +133,11 @@ def main(argv=()):
                 file.write(modelfile(f"model-{requested[-1]}.gguf", run_config["prompt"]))
     print(f"wrote {gguf_dir}. Caption an image with llama.cpp:\n  llama-mtmd-cli -m {gguf_dir}/model-{requested[-1]}.gguf "
           f"--mmproj {gguf_dir}/mmproj-f16.gguf --image photo.jpg -p {run_config['prompt']!r} --temp 0 "
-          f"--image-min-tokens {image_tokens} --image-max-tokens {image_tokens}\nor with Ollama: cd {gguf_dir} && "
-          "ollama create my-captioner -f Modelfile")
+          f"--image-min-tokens {fewest_tokens} --image-max-tokens {most_tokens}\nor with Ollama: cd {gguf_dir} && "
+          "ollama create my-captioner -f Modelfile (Ollama sizes images itself, not with these bounds)")
+    if geometry.square:
+        print("warning: this model was trained on images squashed to a square (aspect_ratio=square); llama.cpp keeps "
+              "a photo's aspect ratio, so its captions of photos that are not square can differ from infer.py's")
 
 
 if __name__ == "__main__":

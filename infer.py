@@ -18,6 +18,7 @@ from captioning.disk_full import stop_if_disk_full
 from captioning.errors import PipelineError
 from captioning.files import atomic_write
 from captioning.generation import caption_files
+from captioning.images import trained_geometry
 from captioning.models import load_model_and_processor
 from captioning.precision import compute_choice
 from captioning.scripts import run_script
@@ -70,9 +71,9 @@ def main(argv=()):
         model = PeftModel.from_pretrained(model, checkpoint_dir)
     model.eval()
     used = checkpoint_dir or base
-    print(f"captioning {len(image_paths)} images with {used} (prompt {run_config['prompt']!r}, "
-          f"{run_config['image_size']}x{run_config['image_size']})")
-    captioned = caption_files(model, processor, image_paths, run_config["image_size"], run_config["prompt"],
+    geometry = trained_geometry(run_config)
+    print(f"captioning {len(image_paths)} images with {used} (prompt {run_config['prompt']!r}, images {geometry})")
+    captioned = caption_files(model, processor, image_paths, geometry, run_config["prompt"],
                               cfg.max_new_tokens, cfg.batch_size)
     if not captioned:
         raise PipelineError(f"none of the {len(image_paths)} images could be read")

@@ -15,6 +15,7 @@ from captioning.adapters import RUN_CONFIG, trained_adapter
 from captioning.disk_full import stop_if_disk_full
 from captioning.errors import PipelineError
 from captioning.files import readable_by_all, write_json, written_whole
+from captioning.images import trained_geometry
 from captioning.locks import hold
 from captioning.model_files import add_config_fields_for_transformers_4, save_processor
 from captioning.models import load_model_and_processor, resolve_model
@@ -54,7 +55,7 @@ def main(argv=()):
                 written_whole(merged_dir) as staging:
             merged.save_pretrained(staging)  # weights as safetensors, config and generation config
             add_config_fields_for_transformers_4(staging)
-            save_processor(processor, staging, run_config["image_size"], base)
+            save_processor(processor, staging, trained_geometry(run_config), base)
             write_json(os.path.join(staging, RUN_CONFIG), {**run_config, "merged_from": os.path.abspath(checkpoint_dir)})
             readable_by_all(staging)
         print(f"wrote the merged model to {merged_dir}: load it with AutoModelForImageTextToText.from_pretrained, "

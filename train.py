@@ -22,7 +22,7 @@ from captioning.data import read_conversations, report_skipped
 from captioning.errors import PipelineError
 from captioning.files import write_json
 from captioning.generation import caption_files
-from captioning.images import load_image
+from captioning.images import ASPECT_RATIOS, ImageGeometry, load_image, upright_size
 from captioning.locks import hold
 from captioning.model_files import pin_image_size
 from captioning.models import checked_image_size, load_model_and_processor, model_family, resolve_model
@@ -48,7 +48,8 @@ learning_rate = 1e-4
 lora_r = 64
 lora_alpha = 16
 lora_dropout = 0.05
-image_size = 0  # images are resized to this square in training and inference; 0: 280 (Qwen2/2.5-VL), 288 (Qwen3-VL)
+image_size = 0  # images are resized to at most this squared in pixels, in training and inference; 0: 280 (Qwen2/2.5-VL), 288 (Qwen3-VL)
+aspect_ratio = "keep"  # keep: each photo keeps its shape, as serving engines resize it | square: squashed to image_size x image_size, as the recipe
 max_length = 8192  # samples with more tokens are skipped, never cut through their image tokens
 logging_steps = 10
 save_steps = 100
@@ -133,29 +134,36 @@ def with_answer(inputs, answer_ids):
 
 
 class CaptionDataset:
-    """Samples encoded on the fly, after dropping those whose image is missing or that are too long. Images are
-    preprocessed in every step that uses them, unless image_features holds their vision features (encode_images)."""
+    """Samples encoded on the fly, after dropping those whose image is missing, unreadable or of a shape no processor
+    takes, and those that are too long. Each image's size comes from its header alone (geometry), so its tokens are
+    counted without decoding it. Images are preprocessed in every step that uses them, unless image_features holds
+    their vision features (encode_images)."""
 
-    def __init__(self, samples, processor, image_size, max_length, show_progress=True):
-        self.processor, self.image_size = processor, image_size
-        blank = Image.new("RGB", (image_size, image_size))  # all images share this size, so a prompt's tokens
-        self.prompt_tensors = {}  # ... depend only on its text
+    def __init__(self, samples, processor, geometry, max_length, show_progress=True):
+        self.processor, self.geometry = processor, geometry
+        self.image_sizes = {}  # image path -> the size it is resized to
+        self.prompt_tensors = {}  # (prompt, image size) -> the prompt's tensors, the same for every image of that size
         self.samples, self.answers, self.lengths, self.skipped = [], [], [], []
         for sample in tqdm(samples, desc="building the training set", unit="sample", disable=not show_progress):
-            if not os.path.isfile(sample["image_path"]):
-                self.skipped.append(f"image not found: {sample['image_path']}")
+            path, prompt = sample["image_path"], sample["prompt"]
+            try:
+                if path not in self.image_sizes:
+                    self.image_sizes[path] = geometry.size_of(*upright_size(path), path)
+            except PipelineError as error:
+                self.skipped.append(str(error))
                 continue
-            prompt = sample["prompt"]
-            if prompt not in self.prompt_tensors:
-                self.prompt_tensors[prompt] = prompt_inputs(processor, blank, prompt)
+            key = (prompt, self.image_sizes[path])
+            if key not in self.prompt_tensors:
+                self.prompt_tensors[key] = prompt_inputs(processor, Image.new("RGB", key[1]), prompt)
             answer = answer_token_ids(processor, prompt, sample["caption"])
-            length = self.prompt_tensors[prompt]["input_ids"].shape[1] + len(answer)
+            length = self.prompt_tensors[key]["input_ids"].shape[1] + len(answer)
             if length > max_length:
-                self.skipped.append(f"{length} tokens > max_length={max_length}: {sample['image_path']}")
+                self.skipped.append(f"{length} tokens > max_length={max_length}: {path}")
                 continue
             self.samples.append(sample)
             self.answers.append(answer)
             self.lengths.append(length)
+        self.image_sizes = {path: self.image_sizes[path] for path in self.image_paths()}  # of the samples kept
         self.image_features = None  # image path -> the vision tower's output (encode_images), once cached
 
     def image_paths(self):
@@ -167,9 +175,10 @@ class CaptionDataset:
     def __getitem__(self, index):
         sample = self.samples[index]
         if self.image_features is None:
-            image = load_image(sample["image_path"], self.image_size)
+            image = load_image(sample["image_path"], self.geometry)
             return encode_sample(self.processor, image, sample["prompt"], self.answers[index])
-        inputs = {key: value for key, value in self.prompt_tensors[sample["prompt"]].items() if key != "pixel_values"}
+        prompt_tensors = self.prompt_tensors[(sample["prompt"], self.image_sizes[sample["image_path"]])]
+        inputs = {key: value for key, value in prompt_tensors.items() if key != "pixel_values"}
         return with_answer({**inputs, **self.image_features[sample["image_path"]]}, self.answers[index])
 
 
@@ -225,6 +234,8 @@ def check_settings(cfg):
     require_positive(cfg, "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "max_new_tokens")
     if cfg.resume not in ("auto", "never"):
         raise PipelineError(f"--resume={cfg.resume}: use auto or never")
+    if cfg.aspect_ratio not in ASPECT_RATIOS:
+        raise PipelineError(f"--aspect_ratio={cfg.aspect_ratio}: use {' or '.join(ASPECT_RATIOS)}")
     deepspeed_config = resolve_deepspeed(cfg.deepspeed)
     check_speed_settings(cfg, deepspeed_config)
     return deepspeed_config, compute_choice(cfg.precision, cfg.attention)
@@ -248,14 +259,14 @@ def split_data(cfg, is_main_process):
     return train_samples, test_samples, data
 
 
-def lora_model_and_processor(cfg, model_folder, compute):
+def lora_model_and_processor(cfg, model_folder, compute, geometry):
     """The base model in compute's precision with LoRA on its language model's projections (its weights in fp32, as
-    mixed precision needs), and its processor pinned to image_size (so each checkpoint's processor files carry
-    training's image size)."""
+    mixed precision needs), and its processor pinned to the image geometry (so each checkpoint's processor files
+    carry training's image size)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     base_model, processor = load_model_and_processor(model_folder, compute)
-    pin_image_size(processor, cfg.image_size)
+    pin_image_size(processor, geometry)
     lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=LORA_TARGET_MODULES, r=cfg.lora_r,
                              lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
     lora_model = get_peft_model(base_model, lora_config)
@@ -304,7 +315,7 @@ def train(trainer, resume_from, plan):
     trainer.save_state()
 
 
-def caption_held_out(cfg, lora_model, processor, test_samples, prompt, is_main_process):
+def caption_held_out(cfg, lora_model, processor, geometry, test_samples, prompt, is_main_process):
     """Caption the held-out images, print the captions and log them to SwanLab. Under ZeRO-3 each process holds a
     slice of every weight, so all of them generate together (transformers then passes synced_gpus=True); else the
     others would leave the main process waiting for slices that never come."""
@@ -315,7 +326,7 @@ def caption_held_out(cfg, lora_model, processor, test_samples, prompt, is_main_p
         return
     lora_model.eval()
     captioned = caption_files(lora_model, processor, dict.fromkeys(sample["image_path"] for sample in test_samples),
-                              cfg.image_size, prompt, cfg.max_new_tokens, batch_size=cfg.per_device_train_batch_size,
+                              geometry, prompt, cfg.max_new_tokens, batch_size=cfg.per_device_train_batch_size,
                               description="captioning the held-out images", show_progress=is_main_process)
     if not is_main_process:
         return
@@ -344,9 +355,14 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
 
     set_seed(cfg.seed)
     model_folder = resolve_model(cfg.model)
-    lora_model, processor = lora_model_and_processor(cfg, model_folder, compute)
+    geometry = ImageGeometry(cfg.image_size, model_family(model_folder).side_multiple, cfg.aspect_ratio == "square")
+    if geometry.square and is_main_process:
+        print(f"warning: aspect_ratio=square: every image is squashed to {cfg.image_size}x{cfg.image_size} as the "
+              "recipe does, but transformers, vLLM and llama.cpp keep a photo's aspect ratio when they resize it, so "
+              "served captions of photos that are not square can differ from infer.py's")
+    lora_model, processor = lora_model_and_processor(cfg, model_folder, compute, geometry)
 
-    dataset = CaptionDataset(train_samples, processor, cfg.image_size, cfg.max_length, show_progress=is_main_process)
+    dataset = CaptionDataset(train_samples, processor, geometry, cfg.max_length, show_progress=is_main_process)
     if is_main_process:
         report_skipped(dataset.skipped, "training samples")
     if not len(dataset):
@@ -376,10 +392,10 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
         write_json(os.path.join(cfg.output_dir, RUN_CONFIG), {**run_config, "swanlab_run_id": run.id})
 
     train(trainer, resume_from, plan)
-    save_final_adapter(trainer, processor, cfg.output_dir, cfg.image_size, model_folder)
+    save_final_adapter(trainer, processor, cfg.output_dir, geometry, model_folder)
     if is_main_process:
         print(f"saved the adapter, processor and {RUN_CONFIG} to {cfg.output_dir}")
-    caption_held_out(cfg, lora_model, processor, test_samples, data["prompt"], is_main_process)
+    caption_held_out(cfg, lora_model, processor, geometry, test_samples, data["prompt"], is_main_process)
 
 
 

@@ -179,12 +179,19 @@ def recipe_collator(processor):
 
 # ----------------------------------------------------------------------------- this project's path
 
+def geometry(cfg):
+    """The images' geometry in train.py: the bench's images are squares, which it keeps as they are."""
+    from captioning.images import ImageGeometry
+
+    return ImageGeometry(cfg.image_size, FAMILIES[SIZES[cfg.model_size]["family"]].side_multiple)
+
+
 def project_dataset(cfg, processor, count):
     import train
     from captioning.data import read_conversations
 
     samples = read_conversations(os.path.join(cfg.work_dir, "data_vl.json"))[:count]
-    return train.CaptionDataset(samples, processor, cfg.image_size, max_length=8192)
+    return train.CaptionDataset(samples, processor, geometry(cfg), max_length=8192)
 
 
 def project_loader(dataset, collator, batch_size, sampler=None, workers=2):
@@ -260,8 +267,8 @@ def measure_training(cfg, path_name):
     else:  # what train.py does: image features once, micro-batches and checkpointing by a memory probe, grouping
         dataset = project_dataset(cfg, processor, cfg.images)
         start = time.perf_counter()
-        dataset.image_features = speed.encode_images(model, processor, dataset.image_paths(), cfg.image_size,
-                                                     BATCH * ACCUMULATION, tempfile.gettempdir())
+        dataset.image_features = speed.encode_images(model, processor, dataset, BATCH * ACCUMULATION,
+                                                     tempfile.gettempdir())
         encode_seconds = time.perf_counter() - start
         collator = train.CaptionCollator(processor.tokenizer.pad_token_id)
         plan = SimpleNamespace(per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
@@ -342,7 +349,7 @@ def measure_captioning(cfg, path_name):
     captions_a_person_can_compare(model, processor.tokenizer)
     model.eval()
     paths = [os.path.join(cfg.work_dir, "images", f"{number}.jpg") for number in range(cfg.caption_images)]
-    loaded = [load_image(path, cfg.image_size) for path in paths]
+    loaded = [load_image(path, geometry(cfg)) for path in paths]
     batch_size = 1 if path_name == "one_at_a_time" else len(loaded)
 
     def timed(max_new_tokens):
@@ -365,7 +372,8 @@ def measure_training_set(cfg, _):
 
     from tiny_qwen2vl import BUILDERS
 
-    size = SIZES["small"]
+    cfg.model_size = "small"
+    size = SIZES[cfg.model_size]
     BUILDERS[size["family"]](os.path.join(cfg.work_dir, "model"), text=size["text"], vision=size["vision"],
                              vocab_size=size["vocab_size"])
     processor = AutoProcessor.from_pretrained(os.path.join(cfg.work_dir, "model"))

@@ -6,7 +6,8 @@ from contextlib import suppress
 from captioning.adapters import trained_model
 from captioning.chat import END_OF_TURN, build_messages
 from captioning.errors import PipelineError
-from captioning.images import load_image
+from captioning.images import load_image, trained_geometry
+from captioning.model_files import pin_image_size
 from captioning.models import load_model_and_processor
 
 
@@ -27,14 +28,14 @@ class BaseAndFineTuned:
         self.names = {"base": self.run_config["model"], "fine_tuned": self.checkpoint_dir or fine_tuned}
 
     def caption(self, which, paths, max_new_tokens, batch_size, **options):
-        """caption_files with the "base" or the "fine_tuned" model, at training's prompt and image size."""
+        """caption_files with the "base" or the "fine_tuned" model, at training's prompt and image geometry."""
         model = self.base if which == "base" else self.fine_tuned
         with model.disable_adapter() if which == "base" and self.checkpoint_dir else suppress():
-            return caption_files(model, self.processor, paths, self.run_config["image_size"],
+            return caption_files(model, self.processor, paths, trained_geometry(self.run_config),
                                  self.run_config["prompt"], max_new_tokens, batch_size, **options)
 
 
-def caption_files(model, processor, paths, image_size, prompt, max_new_tokens, batch_size, description="captioning",
+def caption_files(model, processor, paths, geometry, prompt, max_new_tokens, batch_size, description="captioning",
                   show_progress=True, skipped=None):
     """[(path, caption)] for every image that loads, read batch by batch as the model needs them rather than all
     first; each one that does not load is named and skipped (and added to the list skipped, if given, with why)."""
@@ -42,12 +43,13 @@ def caption_files(model, processor, paths, image_size, prompt, max_new_tokens, b
 
     captioned = []
     paths = list(paths)
+    pin_image_size(processor, geometry)  # so that it leaves the images load_image resized as they are
     with tqdm(total=len(paths), desc=description, unit="image", disable=not show_progress) as progress:
         for start in range(0, len(paths), batch_size):
             loaded = []
             for path in paths[start:start + batch_size]:
                 try:
-                    loaded.append((path, load_image(path, image_size)))
+                    loaded.append((path, load_image(path, geometry)))
                 except PipelineError as error:
                     progress.write(f"skipped: {error}")
                     if skipped is not None:

@@ -1,6 +1,55 @@
-"""Images as the model sees them: any file read as upright 8-bit RGB, resized to training's size."""
+"""Images as the model sees them: any file read as upright 8-bit RGB, resized to the size the Qwen-VL processor
+computes for it (aspect ratio kept), as every serving engine resizes it, or to the recipe's square."""
+from typing import NamedTuple
 
 from captioning.errors import PipelineError
+from captioning.models import FAMILIES
+
+ASPECT_RATIOS = ("keep", "square")  # train.py's aspect_ratio setting
+EXIF_ORIENTATION = 274  # the EXIF tag that says how a photo is rotated
+TURNED = (5, 6, 7, 8)  # the orientations that swap width and height
+
+
+class ImageGeometry(NamedTuple):
+    """The size each image is resized to. By default it is the size that the Qwen-VL processor's own smart_resize
+    computes with min_pixels = one merged patch and max_pixels = image_size²: the aspect ratio kept, sides multiples
+    of side_multiple, at most image_size² pixels (extreme shapes keep a side of one merged patch, which can exceed
+    it). transformers, vLLM and llama.cpp feed the model those sizes, so the model trains on what it is served.
+    square: image_size x image_size whatever the photo's shape, as the recipe squashes it."""
+    image_size: int
+    side_multiple: int  # the family's patch size times the 2x2 merge
+    square: bool = False
+
+    def size_of(self, width, height, path="an image"):
+        """(width, height) a width x height image is resized to; a PipelineError naming path for a shape no Qwen-VL
+        processor takes (a long side over 200 times the short one)."""
+        if self.square:
+            return self.image_size, self.image_size
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        try:
+            height, width = smart_resize(height, width, factor=self.side_multiple, min_pixels=self.side_multiple ** 2,
+                                         max_pixels=self.image_size ** 2)
+        except ValueError as error:
+            raise PipelineError(f"{path} is {width}x{height}, a shape no Qwen-VL processor takes (transformers, vLLM "
+                                f"and llama.cpp alike: {error}): crop it") from error
+        return width, height
+
+    def tokens(self, size):
+        """The image tokens the language model gets for an image resized to size: one per merged patch."""
+        return (size[0] // self.side_multiple) * (size[1] // self.side_multiple)
+
+    def __str__(self):
+        shape = "squashed to a square" if self.square else "aspect ratio kept, at most"
+        return f"{shape} {self.image_size}x{self.image_size} pixels"
+
+
+def trained_geometry(run_config):
+    """The ImageGeometry a training run used, from its run_config.json; runs recorded before aspect_ratio existed
+    squashed every image to a square."""
+    family = next(family for family in FAMILIES.values() if family.name == run_config["family"])
+    return ImageGeometry(run_config["image_size"], family.side_multiple,
+                         run_config.get("aspect_ratio", "square") == "square")
 
 
 def to_rgb(image):
@@ -18,15 +67,33 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def load_image(path, image_size):
-    """An RGB image resized to image_size x image_size, the size training used."""
+def opened(path):
+    """The image file opened by PIL (its header read, its pixels not yet decoded), or a PipelineError naming it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = to_rgb(image)
+        return Image.open(path)
     except FileNotFoundError as error:
         raise PipelineError(f"image not found: {path}") from error
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise PipelineError(f"cannot read image {path}: {error}") from error
-    return image.resize((image_size, image_size), Image.BICUBIC)
+
+
+def upright_size(path):
+    """(width, height) of the image as load_image sees it, upright per its EXIF, read from its header alone."""
+    with opened(path) as image:
+        width, height = image.size
+        return (height, width) if image.getexif().get(EXIF_ORIENTATION) in TURNED else (width, height)
+
+
+def load_image(path, geometry):
+    """An RGB image resized as geometry says, the size training used."""
+    from PIL import Image
+
+    try:
+        with opened(path) as image:
+            image = to_rgb(image)
+    except (OSError, Image.DecompressionBombError) as error:  # the pixels, decoded only here, are cut or too many
+        raise PipelineError(f"cannot read image {path}: {error}") from error
+    size = geometry.size_of(*image.size, path)
+    return image if image.size == size else image.resize(size, Image.BICUBIC)

@@ -8,24 +8,25 @@ import shutil
 from captioning.files import write_json
 
 
-def pin_image_size(processor, image_size):
-    """Make the processor resize every image to image_size x image_size pixels in area (aspect kept), as training
-    did, so a client that never heard of image_size (pipeline, vLLM, llama.cpp) does not feed full-size images."""
-    pixels = image_size * image_size
-    processor.image_processor.size = {"shortest_edge": pixels, "longest_edge": pixels}
+def pin_image_size(processor, geometry):
+    """Make the processor resize as training did (ImageGeometry: at most image_size² pixels, at least one merged
+    patch), so that a client that never heard of image_size (pipeline, vLLM, llama.cpp) computes training's size
+    from a full-size photo, and an image load_image already resized is left as it is."""
+    processor.image_processor.size = {"shortest_edge": geometry.side_multiple ** 2,
+                                      "longest_edge": geometry.image_size ** 2}
 
 
-def save_processor(processor, folder, image_size, base_model):
+def save_processor(processor, folder, geometry, base_model):
     """The processor, tokenizer and chat template in the files that this and older readers look for, with the
-    training image size pinned. base_model: the folder of the model trained on, which holds the slow tokenizer's
+    training geometry pinned. base_model: the folder of the model trained on, which holds the slow tokenizer's
     files that transformers 5 no longer writes."""
-    pin_image_size(processor, image_size)
+    pin_image_size(processor, geometry)
     processor.save_pretrained(folder)
     # transformers 5 keeps the image processor inside processor_config.json; transformers 4 reads only this file
-    pixels = image_size * image_size
+    size = processor.image_processor.size
     write_json(os.path.join(folder, "preprocessor_config.json"),
-               {**processor.image_processor.to_dict(), "min_pixels": pixels, "max_pixels": pixels,
-                "processor_class": type(processor).__name__})
+               {**processor.image_processor.to_dict(), "min_pixels": size["shortest_edge"],
+                "max_pixels": size["longest_edge"], "processor_class": type(processor).__name__})
     for name in ("vocab.json", "merges.txt"):
         if os.path.isfile(os.path.join(base_model, name)):
             shutil.copyfile(os.path.join(base_model, name), os.path.join(folder, name))

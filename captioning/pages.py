@@ -7,9 +7,9 @@ import io
 from captioning.images import load_image
 
 
-def thumbnail_data_uri(path, image_size, side=256):
+def thumbnail_data_uri(path, geometry, side=256):
     """The image as the model saw it, small enough to embed in a page."""
-    thumbnail = load_image(path, image_size)
+    thumbnail = load_image(path, geometry)
     thumbnail.thumbnail((side, side))
     buffer = io.BytesIO()
     thumbnail.save(buffer, format="JPEG", quality=85)

@@ -205,12 +205,20 @@ def agreed_readings(readings, device, num_processes):
     return agreed.tolist()
 
 
-def feature_rows(model, image_size):
-    """(tokens, layers, width) of one image's cached features: its merged patches, the last vision layer and
-    Qwen3-VL's deepstack layers, and the language model's width."""
+def feature_layout(model):
+    """(layers, width) of each image token's cached features: the last vision layer and Qwen3-VL's deepstack layers,
+    at the language model's width."""
     vision = model.config.vision_config
-    tokens = (image_size // (vision.patch_size * vision.spatial_merge_size)) ** 2
-    return tokens, 1 + len(getattr(vision, "deepstack_visual_indexes", [])), model.config.text_config.hidden_size
+    return 1 + len(getattr(vision, "deepstack_visual_indexes", [])), model.config.text_config.hidden_size
+
+
+def image_token_offsets(dataset):
+    """{path: (first row, rows)} of each image's features in the cache file, one row per image token."""
+    offsets, start = {}, 0
+    for path in dataset.image_paths():
+        rows = dataset.geometry.tokens(dataset.image_sizes[path])
+        offsets[path], start = (start, rows), start + rows
+    return offsets
 
 
 def use_feature_cache(cfg, dataset, model, deepspeed_config, num_processes):
@@ -232,8 +240,9 @@ def use_feature_cache(cfg, dataset, model, deepspeed_config, num_processes):
     shown = cfg.max_steps * step_samples if cfg.max_steps > 0 else len(dataset) * cfg.num_train_epochs
     if cfg.cache_image_features == "auto" and shown <= images:
         return None
-    tokens, layers, width = feature_rows(model, cfg.image_size)
-    size = images * tokens * layers * width * model.dtype.itemsize
+    layers, width = feature_layout(model)
+    tokens = sum(rows for _, rows in image_token_offsets(dataset).values())
+    size = tokens * layers * width * model.dtype.itemsize
     folder = tempfile.gettempdir()
     free_memory, free_disk = agreed_readings([psutil.virtual_memory().available, shutil.disk_usage(folder).free],
                                              next(model.parameters()).device, num_processes)
@@ -282,10 +291,10 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
 
 
-def encode_images(model, processor, paths, image_size, batch_size, folder, num_processes=1):
-    """The frozen vision tower's features for each image, computed once instead of in every step that shows the
-    image, as {path: its tensors}. They are written into one memory-mapped file per node, each of the node's
-    processes encoding its share; the file is unlinked once all have mapped it, so it goes when they end."""
+def encode_images(model, processor, dataset, batch_size, folder, num_processes=1):
+    """The frozen vision tower's features for each image of the dataset, computed once instead of in every step that
+    shows the image, as {path: its tensors}. They are written into one memory-mapped file per node, each of the
+    node's processes encoding its share; the file is unlinked once all have mapped it, so it goes when they end."""
     from tqdm import tqdm
 
     base_model = model.get_base_model()
@@ -295,7 +304,8 @@ def encode_images(model, processor, paths, image_size, batch_size, folder, num_p
     if num_processes > 1:
         torch.distributed.broadcast_object_list(run, src=0)
     cache_file = os.path.join(folder, f"train-image-features-{run[0]}-node{node}.bin")
-    shape = (len(paths), *feature_rows(model, image_size))
+    paths, offsets = dataset.image_paths(), image_token_offsets(dataset)
+    shape = (sum(rows for _, rows in offsets.values()), *feature_layout(model))
     if local_rank == 0:
         with open(cache_file, "wb") as file:
             file.truncate(math.prod(shape) * model.dtype.itemsize)  # sparse: the disk fills as features are written
@@ -311,20 +321,22 @@ def encode_images(model, processor, paths, image_size, batch_size, folder, num_p
                                disable=int(os.environ.get("RANK", "0")) != 0) as progress:
         for start in range(0, len(mine), batch_size):
             chunk = mine[start:start + batch_size]
-            pixels = processor.image_processor(images=[load_image(paths[number], image_size) for number in chunk],
-                                               return_tensors="pt")
+            pixels = processor.image_processor(images=[load_image(paths[number], dataset.geometry)
+                                                       for number in chunk], return_tensors="pt")
             encoded = base_model.get_image_features(pixels["pixel_values"].to(device),
                                                     pixels["image_grid_thw"].to(device))
             deepstack = getattr(encoded, "deepstack_features", None) or []  # Qwen3-VL: [layer][image]
             for position, number in enumerate(chunk):
-                features[number] = torch.stack([encoded.pooler_output[position],
-                                                *(layer[position] for layer in deepstack)], dim=1).cpu()
+                start, rows = offsets[paths[number]]
+                features[start:start + rows] = torch.stack([encoded.pooler_output[position],
+                                                            *(layer[position] for layer in deepstack)], dim=1).cpu()
             progress.update(len(chunk))
     if num_processes > 1:
         torch.distributed.barrier()  # every share written
-    deepstack = features.shape[2] > 1
-    return {path: {"image_features": rows[:, 0], **({"image_deepstack_features": rows[:, 1:]} if deepstack else {})}
-            for path, rows in zip(paths, features)}
+    deepstack = features.shape[1] > 1
+    return {path: {"image_features": features[start:start + rows, 0],
+                   **({"image_deepstack_features": features[start:start + rows, 1:]} if deepstack else {})}
+            for path, (start, rows) in offsets.items()}
 
 
 class CaptionTrainer(Trainer):
@@ -355,8 +367,8 @@ def plan_speed(cfg, lora_model, processor, dataset, collator, args, deepspeed_co
     step_samples, _ = micro_batch_sizes(cfg)
     cache = use_feature_cache(cfg, dataset, lora_model, deepspeed_config, args.world_size)
     if cache:
-        dataset.image_features = encode_images(lora_model, processor, dataset.image_paths(), cfg.image_size,
-                                               step_samples, cache.folder, args.world_size)
+        dataset.image_features = encode_images(lora_model, processor, dataset, step_samples, cache.folder,
+                                               args.world_size)
     micro_batch, checkpointing, memory = plan_steps(cfg, lora_model, dataset, collator, args.world_size, compute)
     args = dataclasses.replace(args, per_device_train_batch_size=micro_batch,
                                gradient_accumulation_steps=step_samples // micro_batch,

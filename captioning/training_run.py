@@ -150,7 +150,7 @@ def check_shared_output_dir(output_dir, args):
         )
 
 
-def save_final_adapter(trainer, processor, output_dir, image_size, base_model):
+def save_final_adapter(trainer, processor, output_dir, geometry, base_model):
     """Save the adapter and processor files so that an interruption never leaves a half-written adapter behind:
     everything is written to a staging folder, then moved in with adapter_config.json last."""
     staging = os.path.join(output_dir, "final-adapter.part")
@@ -162,7 +162,7 @@ def save_final_adapter(trainer, processor, output_dir, image_size, base_model):
                            then="training is done, so it saves the final adapter from the last checkpoint"):
         trainer.save_model(staging)  # on every process: DeepSpeed ZeRO-3 gathers the weights from all of them
         if main_process:
-            save_processor(processor, staging, image_size, base_model)
+            save_processor(processor, staging, geometry, base_model)
     if main_process:
         readable_by_all(staging)
         for name in sorted(os.listdir(staging), key=lambda name: name == ADAPTER_CONFIG):

@@ -27,6 +27,9 @@ COLOR_CAPTIONS = {
     "white": "a white wall",
     "black": "a black night",
 }
+# photos of several shapes, as users have them: at image_size 56 the processor sizes them 56x56, 28x56, 112x28, ...
+PHOTO_SHAPES = {"red": (64, 48), "green": (48, 96), "blue": (160, 40), "yellow": (56, 56), "white": (90, 30),
+                "black": (30, 90)}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -107,8 +110,9 @@ def transformers_release(spec):
     return folder
 
 
-def make_imagefolder(folder, captions=COLOR_CAPTIONS, size=(64, 48)):
-    """An imagefolder: one solid-colour PNG per name (the colour of that name, if it is one) plus metadata.jsonl."""
+def make_imagefolder(folder, captions=COLOR_CAPTIONS, size=(64, 48), shapes=None):
+    """An imagefolder: one solid-colour PNG per name (the colour of that name, if it is one) plus metadata.jsonl;
+    each of size, or of its own size in shapes ({name: size})."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as file:
         for number, (name, caption) in enumerate(captions.items()):
@@ -116,7 +120,7 @@ def make_imagefolder(folder, captions=COLOR_CAPTIONS, size=(64, 48)):
                 color = ImageColor.getrgb(name)
             except ValueError:
                 color = (40 * number % 256, 90 * number % 256, 150 * number % 256)
-            Image.new("RGB", size, color).save(os.path.join(folder, f"{name}.png"))
+            Image.new("RGB", (shapes or {}).get(name, size), color).save(os.path.join(folder, f"{name}.png"))
             file.write(json.dumps({"file_name": f"{name}.png", "caption": caption}) + "\n")
     return str(folder)
 

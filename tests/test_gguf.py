@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import COLOR_CAPTIONS, make_imagefolder, run
+from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, make_imagefolder, run
 from tiny_qwen2vl import BUILDERS
 
 PROJECTORS = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
@@ -28,9 +28,10 @@ def check(result):
 
 
 def merged_with_real_tokenizer(family, work, *training):
-    """A tiny model of the family with Qwen2's real tokenizer, trained on the colour images and merged."""
+    """A tiny model of the family with Qwen2's real tokenizer, trained on the colour photos (of several shapes) and
+    merged."""
     model = BUILDERS[family](str(work / "tiny"), real_tokenizer=True)
-    check(run("data2csv.py", f"--source={make_imagefolder(work / 'source')}", cwd=work))
+    check(run("data2csv.py", f"--source={make_imagefolder(work / 'source', shapes=PHOTO_SHAPES)}", cwd=work))
     check(run("csv2json.py", cwd=work))
     check(run("train.py", f"--model={model}", "--test_size=2", "--image_size=56", "--swanlab_mode=disabled",
               "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1", "--dataloader_num_workers=0",
@@ -51,8 +52,8 @@ def test_export_writes_gguf_files_that_the_gguf_reader_validates(family, tmp_pat
     exported = check(run("export_gguf.py", f"--llama_cpp={llama_cpp}", cwd=tmp_path))
     gguf_dir = tmp_path / "output" / "Qwen2-VL-2B-gguf"
     assert sorted(os.listdir(gguf_dir)) == ["Modelfile", "mmproj-f16.gguf", "model-f16.gguf", "model-q8_0.gguf"]
-    assert "--prompt" not in exported.stdout and "-p 'COCO Yes:' --temp 0 --image-min-tokens 4 --image-max-tokens 4" \
-        in exported.stdout  # 56x56 pixels are 2x2 tokens of 28x28
+    assert "--prompt" not in exported.stdout and "-p 'COCO Yes:' --temp 0 --image-min-tokens 1 --image-max-tokens 4" \
+        in exported.stdout  # at most 56x56 pixels, 2x2 tokens of 28x28; at least one
 
     weights = load_file(merged / "model.safetensors")
     for outtype, quantised in (("f16", "F16"), ("q8_0", "Q8_0")):
@@ -92,18 +93,21 @@ def built_llama_mtmd_cli(llama_cpp):
 
 
 @pytest.mark.slow
-def test_llama_cpp_captions_a_training_image_as_infer_does(tmp_path, llama_cpp):
+def test_llama_cpp_captions_training_photos_of_every_shape_as_infer_does(tmp_path, llama_cpp):
     merged_with_real_tokenizer("qwen2_vl", tmp_path, "--max_steps=150", "--learning_rate=5e-3", "--save_steps=1000")
-    image = tmp_path / "coco_2014_caption" / "red.jpg"
-    inferred = check(run("infer.py", f"--images={image}", "--max_new_tokens=16", "--output_path=red.jsonl",
-                         cwd=tmp_path))
-    assert f"{image}: {COLOR_CAPTIONS['red']}" in inferred.stdout
+    colors = ["red", "green", "blue"]  # sized 56x56, 28x56 and 112x28 by the processor
+    images = [tmp_path / "coco_2014_caption" / f"{color}.jpg" for color in colors]
+    inferred = check(run("infer.py", f"--images={','.join(map(str, images))}", "--max_new_tokens=16",
+                         "--output_path=photos.jsonl", cwd=tmp_path))
+    for image, color in zip(images, colors):
+        assert f"{image}: {COLOR_CAPTIONS[color]}" in inferred.stdout
     check(run("export_gguf.py", f"--llama_cpp={llama_cpp}", "--outtypes=f16", cwd=tmp_path))
 
     gguf_dir = tmp_path / "output" / "Qwen2-VL-2B-gguf"
-    captioned = subprocess.run(
-        [built_llama_mtmd_cli(llama_cpp), "-m", gguf_dir / "model-f16.gguf", "--mmproj", gguf_dir / "mmproj-f16.gguf",
-         "--image", image, "-p", "COCO Yes:", "--temp", "0", "-n", "16", "--image-min-tokens", "4",
-         "--image-max-tokens", "4"], capture_output=True, text=True, timeout=300)
-    assert captioned.returncode == 0, captioned.stderr[-3000:]
-    assert captioned.stdout.strip() == COLOR_CAPTIONS["red"], captioned.stdout + captioned.stderr[-2000:]
+    for image, color in zip(images, colors):  # with the token bounds export_gguf.py prints
+        captioned = subprocess.run(
+            [built_llama_mtmd_cli(llama_cpp), "-m", gguf_dir / "model-f16.gguf", "--mmproj",
+             gguf_dir / "mmproj-f16.gguf", "--image", image, "-p", "COCO Yes:", "--temp", "0", "-n", "16",
+             "--image-min-tokens", "1", "--image-max-tokens", "4"], capture_output=True, text=True, timeout=300)
+        assert captioned.returncode == 0, captioned.stderr[-3000:]
+        assert captioned.stdout.strip() == COLOR_CAPTIONS[color], color + captioned.stdout + captioned.stderr[-2000:]

@@ -13,7 +13,7 @@ from PIL import Image
 
 import train
 from captioning.settings import parse_settings
-from conftest import REPO, COLOR_CAPTIONS, chromium, make_imagefolder, run, transformers_release
+from conftest import REPO, COLOR_CAPTIONS, PHOTO_SHAPES, chromium, make_imagefolder, run, transformers_release
 from tiny_qwen2vl import BUILDERS
 
 TRAINED = ["red", "green", "blue", "yellow"]  # the last two colours, white and black, are held out (test_size=2)
@@ -27,7 +27,7 @@ def check(result):
 @pytest.fixture(scope="module")
 def trained_run(tiny_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("pipeline")
-    folder = make_imagefolder(work / "source")
+    folder = make_imagefolder(work / "source", shapes=PHOTO_SHAPES)
     check(run("data2csv.py", f"--source={folder}", cwd=work))
     check(run("csv2json.py", cwd=work))
     training = check(run(
@@ -137,10 +137,10 @@ def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(trained_run, ti
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     from captioning.chat import build_messages
-    from captioning.images import load_image
+    from captioning.images import ImageGeometry, load_image
 
     processor = AutoProcessor.from_pretrained(merged_dir)
-    image = load_image(str(work / "coco_2014_caption" / "red.jpg"), 56)
+    image = load_image(str(work / "coco_2014_caption" / "red.jpg"), ImageGeometry(56, 28))
     text = processor.apply_chat_template(build_messages(image, "COCO Yes:", "a red square"), tokenize=False)
     inputs = processor(text=[text], images=[image], return_tensors="pt")
     with torch.no_grad():
@@ -174,10 +174,10 @@ def test_merged_and_adapter_folders_carry_the_training_image_size_and_the_files_
     work, _ = trained_run
     for folder in (merged_dir, work / "output" / "Qwen2-VL-2B"):
         preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
-        assert preprocessor["min_pixels"] == preprocessor["max_pixels"] == 56 * 56
-        assert preprocessor["size"] == {"shortest_edge": 56 * 56, "longest_edge": 56 * 56}
+        assert (preprocessor["min_pixels"], preprocessor["max_pixels"]) == (28 * 28, 56 * 56)  # one merged patch
+        assert preprocessor["size"] == {"shortest_edge": 28 * 28, "longest_edge": 56 * 56}
         processor = json.loads((folder / "processor_config.json").read_text())["image_processor"]
-        assert processor["size"] == {"shortest_edge": 56 * 56, "longest_edge": 56 * 56}
+        assert processor["size"] == {"shortest_edge": 28 * 28, "longest_edge": 56 * 56}
         for name in ("vocab.json", "merges.txt"):  # kept from the base model, as on the hub
             assert (folder / name).read_bytes() == open(os.path.join(tiny_model, name), "rb").read(), name
         modes = {path.name: oct(path.stat().st_mode & 0o777) for path in folder.iterdir() if path.is_file()}
@@ -201,37 +201,53 @@ def full_size_images(work):
     return paths
 
 
-def caption_as_a_client(merged_dir, image, pythonpath=None):
+def caption_as_a_client(merged_dir, images, pythonpath=None):
+    """{image: {"image_grid_thw", "model", "pipeline"}} from tests/caption_as_a_client.py, and the transformers
+    version that made them."""
     env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     result = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "caption_as_a_client.py"),
-                             str(merged_dir), image, "COCO Yes:"], capture_output=True, text=True, env=env,
+                             str(merged_dir), "COCO Yes:", *images], capture_output=True, text=True, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
-    return json.loads(result.stdout.splitlines()[-1])
+    answer = json.loads(result.stdout.splitlines()[-1])
+    return answer["captions"], answer["transformers"]
 
 
-def test_merged_model_captions_full_size_images_in_transformers_as_infer_does(trained_run, merged_dir):
+def test_merged_model_captions_every_photo_in_transformers_as_infer_does(trained_run, merged_dir):
+    """The trained photos (each of another shape) and full-size ones, each given to transformers at its own size:
+    the same grid as training's and the same caption as infer.py's."""
+    from captioning.images import ImageGeometry
+
     work, _ = trained_run
-    images = full_size_images(work)
-    check(run("infer.py", f"--model={merged_dir}", f"--images={images['red']}", "--output_path=full.jsonl", cwd=work))
-    [record] = [json.loads(line) for line in (work / "full.jsonl").read_text().splitlines()]
-    assert record["caption"] == COLOR_CAPTIONS["red"]
-    client = caption_as_a_client(merged_dir, images["red"])
-    assert client["image_grid_thw"] == [[1, 4, 4]]  # 56x56, as in training
-    assert client["model"] == client["pipeline"] == record["caption"]
-    # an image of another shape keeps its aspect ratio, within training's number of pixels
-    [[_, rows, columns]] = caption_as_a_client(merged_dir, images["blue"])["image_grid_thw"]
-    assert rows * columns * 14 * 14 <= 56 * 56
+    trained = {color: str(work / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED}
+    full_size = full_size_images(work)
+    photos = [*trained.values(), *full_size.values()]
+    check(run("infer.py", f"--model={merged_dir}", f"--images={','.join(photos)}", "--output_path=all.jsonl",
+              cwd=work))
+    by_infer = {record["image_path"]: record["caption"]
+                for record in map(json.loads, (work / "all.jsonl").read_text().splitlines())}
+    assert [by_infer[trained[color]] for color in TRAINED] == [COLOR_CAPTIONS[color] for color in TRAINED]
+    assert by_infer[full_size["red"]] == COLOR_CAPTIONS["red"]  # 640x640 is sized 56x56, as the red square was
+
+    geometry = ImageGeometry(56, 28)
+    by_client, _ = caption_as_a_client(merged_dir, photos)
+    for path in photos:
+        width, height = geometry.size_of(*Image.open(path).size)
+        assert by_client[path]["image_grid_thw"] == [[1, height // 14, width // 14]], path  # training's grid
+        assert by_client[path]["model"] == by_client[path]["pipeline"] == by_infer[path], path
+    assert len({str(by_client[path]["image_grid_thw"]) for path in photos}) >= 4  # shapes that differ
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["transformers==4.57.*", "transformers>=5.16.1,<5.21"], ids=["4.57", "vLLM's pin"])
 def test_merged_model_captions_full_size_images_in_older_transformers(trained_run, merged_dir, spec):
     work, _ = trained_run
-    client = caption_as_a_client(merged_dir, full_size_images(work)["red"], pythonpath=transformers_release(spec))
-    assert client["transformers"] != "5.24.0"
-    assert client["image_grid_thw"] == [[1, 4, 4]]
-    assert client["model"] == client["pipeline"] == COLOR_CAPTIONS["red"]
+    photos = [str(work / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED]
+    by_client, version = caption_as_a_client(merged_dir, photos, pythonpath=transformers_release(spec))
+    assert version != "5.24.0"
+    by_newest, _ = caption_as_a_client(merged_dir, photos)
+    assert by_client == by_newest  # the same grids and captions
+    assert [by_client[path]["model"] for path in photos] == [COLOR_CAPTIONS[color] for color in TRAINED]
 
 
 @pytest.mark.skipif(not chromium(), reason="Chromium is not installed: .ci/run installs it")
@@ -290,10 +306,11 @@ def test_a_newer_family_runs_the_four_steps_learns_its_captions_and_merges(famil
     from transformers import AutoProcessor
 
     merged = tmp_path / "output" / "Qwen2-VL-2B-merged"  # its processor files carry training's image size
-    assert AutoProcessor.from_pretrained(merged).image_processor.size == {"shortest_edge": side * side,
+    patch = side // 2  # one merged patch: the fewest pixels the processor sizes an image to
+    assert AutoProcessor.from_pretrained(merged).image_processor.size == {"shortest_edge": patch * patch,
                                                                           "longest_edge": side * side}
     preprocessor = json.loads((merged / "preprocessor_config.json").read_text())
-    assert preprocessor["min_pixels"] == preprocessor["max_pixels"] == side * side
+    assert (preprocessor["min_pixels"], preprocessor["max_pixels"]) == (patch * patch, side * side)
     check(run("compare.py", "--java=never", "--swanlab_mode=disabled", cwd=tmp_path))
     metrics = json.loads((tmp_path / "output" / "Qwen2-VL-2B" / "eval" / "metrics.json").read_text())
     assert len(metrics["images"]) == 2 and metrics["metrics"]["fine_tuned"]["BLEU-1"] is not None
@@ -335,12 +352,14 @@ def test_demo_page_captions_uploads_in_a_browser_as_infer_does(trained_run, tmp_
             rows = page.locator("#captions tr").all()[1:]
             shown = {row.locator("td.file").inner_text(): (row.locator("td.base").inner_text(),
                                                             row.locator("td.fine_tuned").inner_text()) for row in rows}
+            listed = page.locator("#captions p.skipped").inner_text()  # still there once the notice has gone
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
             browser.close()
     finally:
         demo.terminate()
         demo.wait(timeout=60)
     assert {name: fine_tuned for name, (_, fine_tuned) in shown.items()} == expected
+    assert listed == "Skipped, not an image that can be read: notes.txt"
     assert shown["red.jpg"][1] == COLOR_CAPTIONS["red"] and all(base for base, _ in shown.values())  # or "(empty caption)"
     with Image.open(tmp_path / "demo.png") as screenshot:
         assert screenshot.width == 1200

@@ -12,9 +12,11 @@ from captioning import speed
 import train
 from captioning.chat import IGNORE_INDEX
 from captioning.errors import PipelineError
+from captioning.images import ImageGeometry
 from captioning.precision import Compute
 from bench.bench import recipe_collator, recipe_process_func
 
+SQUARE = ImageGeometry(56, 28, square=True)  # the recipe's resize, which the recipe path is compared with
 CAPTIONS = ["a red square on a table", "a green field under the sky", "a blue boat", "a yellow cat sleeping"]
 CPU_FP32 = Compute("cpu", "fp32", "sdpa")
 
@@ -45,7 +47,7 @@ def samples(tmp_path_factory, tiny_processor):
         example = {"conversations": [{"from": "user", "value": f"COCO Yes: <|vision_start|>{path}<|vision_end|>"},
                                      {"from": "assistant", "value": caption}]}
         recipe = recipe_process_func(example, tiny_processor, image_size=56)
-        ours = train.encode_sample(tiny_processor, train.load_image(str(path), 56), "COCO Yes:",
+        ours = train.encode_sample(tiny_processor, train.load_image(str(path), SQUARE), "COCO Yes:",
                                    train.answer_token_ids(tiny_processor, "COCO Yes:", caption))
         encoded.append((recipe, ours))
     return encoded
@@ -56,10 +58,13 @@ def dataset(tiny_processor, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache")
     entries = []
     for number, caption in enumerate(CAPTIONS + [caption + " again" for caption in CAPTIONS]):
-        path = folder / f"{number % 4}.png"
-        Image.new("RGB", (70, 50), (60 * (number % 4), 255 - 50 * (number % 4), 90)).save(path)
+        path = folder / f"{number % 4}.png"  # four shapes: 56x56, 28x84, 56x56 and 112x28 as the processor sizes them
+        Image.new("RGB", CACHE_SHAPES[number % 4], (60 * (number % 4), 255 - 50 * (number % 4), 90)).save(path)
         entries.append({"image_path": str(path), "prompt": "COCO Yes:", "caption": caption})  # each image twice
-    return train.CaptionDataset(entries, tiny_processor, image_size=56, max_length=8192)
+    return train.CaptionDataset(entries, tiny_processor, ImageGeometry(56, 28), max_length=8192)
+
+
+CACHE_SHAPES = [(70, 50), (40, 90), (56, 56), (120, 30)]
 
 
 def lora_model(tiny_model, checkpointing=False):
@@ -191,7 +196,7 @@ def test_cached_image_features_give_the_same_loss_and_gradients(dataset, tiny_mo
     collate = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)
     dataset.image_features = None
     loss_computed, grads_computed = loss_and_gradients(model, collate([dataset[i] for i in range(len(dataset))]))
-    dataset.image_features = speed.encode_images(model, tiny_processor, dataset.image_paths(), 56, batch_size=3,
+    dataset.image_features = speed.encode_images(model, tiny_processor, dataset, batch_size=3,
                                                  folder=str(tmp_path))
     cached = collate([dataset[i] for i in range(len(dataset))])
     assert "pixel_values" not in cached and len(dataset.image_features) == 4  # each image encoded once
@@ -210,7 +215,8 @@ def test_every_family_s_fast_path_gives_the_recipe_path_s_loss_and_gradients(fam
         path = tmp_path / f"{number % 4}.png"
         Image.new("RGB", (70, 50), (60 * (number % 4), 255 - 50 * (number % 4), 90)).save(path)
         entries.append({"image_path": str(path), "prompt": "COCO Yes:", "caption": caption})
-    family_dataset = train.CaptionDataset(entries, family_processor, family_side, max_length=8192)
+    family_dataset = train.CaptionDataset(entries, family_processor, ImageGeometry(family_side, family_side // 2),
+                                          max_length=8192)
     collate = train.CaptionCollator(family_processor.tokenizer.pad_token_id)
 
     plain_model = lora_model(family_model).train()
@@ -219,8 +225,8 @@ def test_every_family_s_fast_path_gives_the_recipe_path_s_loss_and_gradients(fam
     loss_plain, grads_plain = loss_and_gradients(plain_model, plain)
 
     fast_model = lora_model(family_model, checkpointing=True).train()
-    family_dataset.image_features = speed.encode_images(fast_model, family_processor, family_dataset.image_paths(),
-                                                        family_side, batch_size=3, folder=str(tmp_path))
+    family_dataset.image_features = speed.encode_images(fast_model, family_processor, family_dataset, batch_size=3,
+                                                        folder=str(tmp_path))
     fast = collate([family_dataset[i] for i in range(len(family_dataset))])
     assert "pixel_values" not in fast and fast["logits_to_keep"].sum() < fast["labels"].numel()
     loss_fast, grads_fast = loss_and_gradients(fast_model, fast)
@@ -402,7 +408,7 @@ def test_the_memory_probe_leaves_room_for_the_optimizer_and_a_margin(dataset, ti
 def test_cached_features_are_one_memory_mapped_file_that_goes_with_the_run(dataset, tiny_model, tiny_processor,
                                                                            tmp_path):
     model = lora_model(tiny_model)
-    features = speed.encode_images(model, tiny_processor, dataset.image_paths(), 56, batch_size=3,
+    features = speed.encode_images(model, tiny_processor, dataset, batch_size=3,
                                    folder=str(tmp_path))
     storages = {feature["image_features"].untyped_storage() for feature in features.values()}
     assert len({storage.data_ptr() for storage in storages}) == 1  # every image's rows in one mapping
@@ -414,7 +420,7 @@ def test_the_feature_cache_is_sized_against_memory_and_disk(dataset, tiny_model,
     model = lora_model(tiny_model)
     cfg = SimpleNamespace(cache_image_features="auto", per_device_train_batch_size=2, gradient_accumulation_steps=1,
                           max_steps=-1, num_train_epochs=1, image_size=56)
-    size = 4 * 4 * 64 * 4  # 4 images x 4 tokens x width 64 in fp32
+    size = (4 + 3 + 4 + 4) * 64 * 4  # the four images' tokens x width 64 in fp32
     monkeypatch.setattr(speed.tempfile, "gettempdir", lambda: str(tmp_path))
 
     def readings(memory, disk):

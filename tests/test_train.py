@@ -9,6 +9,7 @@ from PIL import Image
 import train
 from captioning.data import read_conversations
 from captioning.errors import PipelineError
+from captioning.images import ImageGeometry
 from captioning.tracking import start_swanlab, swanlab_run_mode
 
 
@@ -91,7 +92,7 @@ def test_samples_too_long_or_without_image_are_skipped_and_reported(tmp_path, ti
     max_length = prompt_length + len(train.answer_token_ids(tiny_processor, "COCO Yes:", short))
     dataset = train.CaptionDataset(
         [sample(image, short), sample(image, "a very long caption " * 20), sample(str(tmp_path / "gone.jpg"), short)],
-        tiny_processor, image_size=56, max_length=max_length,
+        tiny_processor, ImageGeometry(56, 28), max_length=max_length,
     )
     assert [s["caption"] for s in dataset.samples] == [short]
     assert len(dataset[0]["input_ids"]) == max_length
