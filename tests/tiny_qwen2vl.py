@@ -65,6 +65,10 @@ TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
                  num_key_value_heads=2, max_position_embeddings=2048,
                  rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
 TINY_VISION = dict(depth=3, embed_dim=32, hidden_size=64, num_heads=2)  # llama.cpp converts depths above 2
+# vLLM's CPU attention takes head sizes from 32 up: heads of 32 (the rope's sections then sum to 16)
+TINY_VLLM_TEXT = dict(TINY_TEXT, num_attention_heads=2, num_key_value_heads=1,
+                      rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
+TINY_VLLM_VISION = dict(TINY_VISION, num_heads=1)
 
 
 def tiny_tokenizer(chat_template):
