@@ -31,8 +31,8 @@ class ImageGeometry(NamedTuple):
             height, width = smart_resize(height, width, factor=self.side_multiple, min_pixels=self.side_multiple ** 2,
                                          max_pixels=self.image_size ** 2)
         except ValueError as error:
-            raise PipelineError(f"{path} is {width}x{height}, a shape no Qwen-VL processor takes (transformers, vLLM "
-                                f"and llama.cpp alike: {error}): crop it") from error
+            raise PipelineError(f"{path} is {width}x{height}, a shape the Qwen-VL processor refuses in transformers "
+                                f"and vLLM alike ({error}): crop it") from error
         return width, height
 
     def tokens(self, size):
@@ -46,8 +46,9 @@ class ImageGeometry(NamedTuple):
 
 def trained_geometry(run_config):
     """The ImageGeometry a training run used, from its run_config.json; runs recorded before aspect_ratio existed
-    squashed every image to a square."""
-    family = next(family for family in FAMILIES.values() if family.name == run_config["family"])
+    squashed every image to a square, and runs recorded before family existed trained Qwen2-VL."""
+    family_name = run_config.get("family", FAMILIES["qwen2_vl"].name)
+    family = next(family for family in FAMILIES.values() if family.name == family_name)
     return ImageGeometry(run_config["image_size"], family.side_multiple,
                          run_config.get("aspect_ratio", "square") == "square")
 

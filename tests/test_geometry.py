@@ -60,9 +60,9 @@ def test_a_shape_no_processor_takes_is_named_and_skipped_everywhere(tiny_process
     samples = [{"image_path": p, "prompt": "COCO Yes:", "caption": "a photo"} for p in (path, kept)]
     dataset = train.CaptionDataset(samples, tiny_processor, geometry, max_length=8192, show_progress=False)
     assert [sample["image_path"] for sample in dataset.samples] == [kept]
-    assert dataset.skipped == [f"{path} is 5000x20, a shape no Qwen-VL processor takes (transformers, vLLM and "
-                               "llama.cpp alike: absolute aspect ratio must be smaller than 200, got 250.0): crop it"]
-    with pytest.raises(PipelineError, match=r"is 5000x20, a shape no Qwen-VL processor takes"):
+    assert dataset.skipped == [f"{path} is 5000x20, a shape the Qwen-VL processor refuses in transformers and "
+                               "vLLM alike (absolute aspect ratio must be smaller than 200, got 250.0): crop it"]
+    with pytest.raises(PipelineError, match=r"is 5000x20, a shape the Qwen-VL processor refuses"):
         load_image(path, geometry)
     with pytest.raises(ValueError, match="aspect ratio must be smaller than 200"):  # transformers' own refusal
         tiny_processor.image_processor(images=[Image.open(path).convert("RGB")])
@@ -82,6 +82,7 @@ def test_the_recipe_s_square_stays_a_setting_and_older_runs_read_as_square():
     square = ImageGeometry(280, 28, square=True)
     assert square.size_of(640, 480) == square.size_of(1, 1) == (280, 280)
     assert trained_geometry({"image_size": 280, "family": "Qwen2-VL"}) == square  # recorded before the setting
+    assert trained_geometry({"image_size": 280}) == square  # recorded before the family was
     assert trained_geometry({"image_size": 288, "family": "Qwen3-VL", "aspect_ratio": "keep"}) == ImageGeometry(288, 32)
     assert str(ImageGeometry(280, 28)) == "aspect ratio kept, at most 280x280 pixels"
 
