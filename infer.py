@@ -21,6 +21,7 @@ from captioning.generation import caption_files
 from captioning.images import trained_geometry
 from captioning.models import load_model_and_processor
 from captioning.precision import compute_choice
+from captioning.quantization import check_quantization
 from captioning.scripts import run_script
 from captioning.settings import parse_settings, require_positive
 
@@ -32,6 +33,7 @@ images = ""  # comma-separated image paths or globs; empty: the held-out test im
 batch_size = 8
 max_new_tokens = 128
 output_path = ""  # one JSON record per image; empty: predictions.jsonl in the adapter's (or merged model's) folder
+quantization = "none"  # none | 4bit | 8bit: the base model's language model quantized (bitsandbytes), for GPUs the full model does not fit
 precision = "auto"  # auto: bf16 on GPUs of compute capability 8.0+, fp16 on older ones (T4, V100), fp32 on a CPU | bf16 | fp16 | fp32
 attention = "auto"  # auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | sdpa | eager
 debug = False  # show the full traceback of a failure
@@ -53,6 +55,7 @@ def main(argv=()):
     cfg = parse_settings(globals(), argv)
     require_positive(cfg, "batch_size", "max_new_tokens")
     compute = compute_choice(cfg.precision, cfg.attention)
+    check_quantization(cfg.quantization)
     checkpoint_dir, run_config, base = trained_model(cfg.model, cfg.checkpoint, cfg.output_dir)
     if cfg.images:
         image_paths = expand_images(cfg.images)
@@ -64,7 +67,7 @@ def main(argv=()):
         raise PipelineError(f"none of the {len(image_paths)} images could be read: {', '.join(image_paths[:3])} "
                             "not found")
 
-    model, processor = load_model_and_processor(base, compute, on_device=True)
+    model, processor = load_model_and_processor(base, compute, on_device=True, quantization=cfg.quantization)
     if checkpoint_dir:
         from peft import PeftModel
 

@@ -46,6 +46,10 @@ def main(argv=()):
     with hold(merged_dir):  # one merge into a folder at a time
         base = resolve_model(cfg.model or run_config["model"])
         print(f"merging {checkpoint_dir} into {base}")
+        if run_config.get("quantization", "none") != "none":
+            print(f"the adapter was trained on the base model in {run_config['quantization']}: it is merged into the "
+                  "unquantized base (quantized weights cannot take it in without rounding it away), as QLoRA "
+                  "does; captions can differ slightly from those of the quantized base")
         base_model, processor = load_model_and_processor(base, dtype=cfg.dtype)
         merged = PeftModel.from_pretrained(base_model, checkpoint_dir).merge_and_unload()
 

@@ -13,17 +13,20 @@ from captioning.models import load_model_and_processor
 
 class BaseAndFineTuned:
     """The base model and the fine-tuned one, to caption the same images with both. With an adapter the base model
-    is the adapter switched off, so nothing loads twice; a merged model is loaded beside the model it came from."""
+    is the adapter switched off, so nothing loads twice; a merged model is loaded beside the model it came from.
+    quantization: both loaded in 4 or 8 bits, or none."""
 
-    def __init__(self, model, checkpoint, output_dir, compute):
+    def __init__(self, model, checkpoint, output_dir, compute, quantization="none"):
         self.checkpoint_dir, self.run_config, fine_tuned = trained_model(model, checkpoint, output_dir)
-        self.fine_tuned, self.processor = load_model_and_processor(fine_tuned, compute, on_device=True)
+        self.fine_tuned, self.processor = load_model_and_processor(fine_tuned, compute, on_device=True,
+                                                                   quantization=quantization)
         if self.checkpoint_dir:
             from peft import PeftModel
 
             self.fine_tuned = self.base = PeftModel.from_pretrained(self.fine_tuned, self.checkpoint_dir)
         else:
-            self.base, _ = load_model_and_processor(self.run_config["model"], compute, on_device=True)
+            self.base, _ = load_model_and_processor(self.run_config["model"], compute, on_device=True,
+                                                    quantization=quantization)
         self.fine_tuned.eval()
         self.names = {"base": self.run_config["model"], "fine_tuned": self.checkpoint_dir or fine_tuned}
 

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 from captioning.errors import PipelineError
 from captioning.precision import compute_choice
+from captioning.quantization import quantized_loading
 
 
 def resolve_model(model):
@@ -67,10 +68,11 @@ def checked_image_size(image_size, family):
     return image_size
 
 
-def load_model_and_processor(model, compute=None, on_device=False, dtype=None):
+def load_model_and_processor(model, compute=None, on_device=False, dtype=None, quantization="none"):
     """A Qwen-VL model (the class its config.json names) and its processor from a local folder or hub id,
     safetensors only: in dtype if given, else in compute's precision (compute_choice() when not given), with its
-    attention; moved to its device when on_device, else left on the CPU for Trainer to place."""
+    attention; moved to its device when on_device, else left on the CPU for Trainer to place. Quantized (4bit,
+    8bit), it is loaded onto its device, where bitsandbytes quantizes it."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = resolve_model(model)
@@ -78,5 +80,6 @@ def load_model_and_processor(model, compute=None, on_device=False, dtype=None):
     compute = compute or compute_choice()
     processor = AutoProcessor.from_pretrained(path)
     base_model = AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype or compute.dtype, use_safetensors=True, attn_implementation=compute.attention)
-    return base_model.to(compute.device) if on_device else base_model, processor
+        path, dtype=dtype or compute.dtype, use_safetensors=True, attn_implementation=compute.attention,
+        **quantized_loading(quantization, compute))
+    return base_model.to(compute.device) if on_device and quantization == "none" else base_model, processor

@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback
 from captioning.chat import IGNORE_INDEX
 from captioning.errors import PipelineError
 from captioning.images import load_image
+from captioning.quantization import describe
 
 SPEED_CHOICES = ("auto", "true", "false")
 ZERO3_SPLITS_THE_VISION_TOWER = "DeepSpeed ZeRO-3 splits the vision tower across GPUs"
@@ -289,8 +290,6 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         return iter(get_length_grouped_indices(self.lengths, self.step_samples, generator=generator))
 
 
-
-
 def encode_images(model, processor, dataset, batch_size, folder, num_processes=1):
     """The frozen vision tower's features for each image of the dataset, computed once instead of in every step that
     shows the image, as {path: its tensors}. They are written into one memory-mapped file per node, each of the
@@ -380,6 +379,7 @@ def plan_speed(cfg, lora_model, processor, dataset, collator, args, deepspeed_co
                                dataloader_pin_memory=not cache)
     if args.process_index == 0:
         print(f"each step: {step_samples // micro_batch} micro-batch(es) of {micro_batch} samples, {compute}, "
+              f"{describe(lora_model.get_base_model(), cfg.quantization)}, "
               f"gradient checkpointing {'on' if checkpointing else 'off'}, image features "
               f"{f'computed once, {cache}' if cache else 'computed in every step'}" + (f"; {memory}" if memory else ""))
     return args, {"micro_batch_size_used": micro_batch, "gradient_checkpointing_used": checkpointing,

@@ -27,6 +27,7 @@ COLOR_CAPTIONS = {
     "white": "a white wall",
     "black": "a black night",
 }
+TRAINED = ["red", "green", "blue", "yellow"]  # the last two colours, white and black, are held out (test_size=2)
 # photos of several shapes, as users have them: at image_size 56 the processor sizes them 56x56, 28x56, 112x28, ...
 PHOTO_SHAPES = {"red": (64, 48), "green": (48, 96), "blue": (160, 40), "yellow": (56, 56), "white": (90, 30),
                 "black": (30, 90)}
@@ -98,6 +99,12 @@ def run(script, *args, cwd, timeout=600, disk_full_at=None):
         [sys.executable, *on_full_disk, os.path.join(REPO, script), *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def check(result):
+    """result, a finished script, asserted to have succeeded (its output shown when not)."""
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
 
 
 def transformers_release(spec):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, make_imagefolder, run
+from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, check, make_imagefolder, run
 from tiny_qwen2vl import BUILDERS
 
 PROJECTORS = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
@@ -20,11 +20,6 @@ def llama_cpp():
     from export_gguf import llama_cpp_source
 
     return llama_cpp_source(os.path.join(sys.prefix, "llama-cpp-python"))
-
-
-def check(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
 
 
 def merged_with_real_tokenizer(family, work, *training):

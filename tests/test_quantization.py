@@ -1,0 +1,187 @@
+"""QLoRA on a CPU, with bitsandbytes' CPU backend: the base model's language model in 4 or 8 bits, the vision tower
+and the head as they were; it trains, captions, resumes and merges. Each process trains before it captions: on CPUs
+with AVX512-BF16 bitsandbytes repacks 4-bit weights after a no-grad forward, and training them then fails."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+import train
+from captioning.errors import PipelineError
+from captioning.generation import BaseAndFineTuned
+from captioning.models import load_model_and_processor
+from captioning.precision import Compute
+from captioning.quantization import check_quantization, weight_bytes
+from captioning.settings import parse_settings
+from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, TRAINED, check, make_imagefolder, run
+
+CPU = Compute("cpu", "fp32", "sdpa")
+LEARNING = ["--test_size=2", "--image_size=56", "--max_steps=150", "--learning_rate=5e-3",
+            "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1", "--logging_steps=10",
+            "--save_steps=100", "--swanlab_mode=disabled"]
+
+
+def quantized_layers(model):
+    return {name for name, module in model.named_modules() if type(module).__name__ in ("Linear4bit", "Linear8bitLt")}
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_only_the_language_model_s_linear_layers_are_quantized(family_model, quantization):
+    model, _ = load_model_and_processor(family_model, CPU, quantization=quantization)
+    language_model_linears = {name for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and name.startswith("model.language_model.")}
+    assert quantized_layers(model) == language_model_linears and language_model_linears
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert all(parameter.dtype == torch.float32 for parameter in model.model.visual.parameters())
+
+
+def test_the_weights_take_what_their_bits_say_measured_from_their_tensors(tiny_model):
+    full, _ = load_model_and_processor(tiny_model, CPU)
+    full_bytes, as_if_unquantized = weight_bytes(full)
+    assert full_bytes == as_if_unquantized == sum(p.numel() * 4 for p in full.parameters()) + sum(
+        b.numel() * b.element_size() for b in full.buffers())
+    linears = [module for name, module in full.named_modules()
+               if isinstance(module, torch.nn.Linear) and name.startswith("model.language_model.")]
+    weights = sum(module.weight.numel() for module in linears)
+    rows = sum(module.out_features for module in linears)
+    # 4 bits a weight, plus a one-byte scale per block of 64 and a 1.3 KB table per layer; 8 bits, plus a scale a row
+    for quantization, bits, most_constants in (("4bit", 4, weights / 64 + len(linears) * 1300), ("8bit", 8, rows * 4)):
+        quantized, _ = load_model_and_processor(tiny_model, CPU, quantization=quantization)
+        held, unquantized = weight_bytes(quantized)
+        assert unquantized == full_bytes  # the same model, its weights counted at full size
+        assert sum(layer.weight.numel() * layer.weight.element_size() for layer in quantized.modules()
+                   if type(layer).__name__ in ("Linear4bit", "Linear8bitLt")) == weights * bits / 8
+        constants = held - (full_bytes - weights * 4) - weights * bits / 8
+        assert 0 < constants <= most_constants, (quantization, constants)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    work = tmp_path_factory.mktemp("qlora")
+    folder = make_imagefolder(work / "source", shapes=PHOTO_SHAPES)
+    check(run("data2csv.py", f"--source={folder}", cwd=work))
+    check(run("csv2json.py", cwd=work))
+    return work
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_model, work):
+    training = check(run("train.py", f"--model={tiny_model}", "--quantization=4bit", "--output_dir=qlora", *LEARNING,
+                         cwd=work))
+    return work / "qlora", training
+
+
+def trained_images(work):
+    return ",".join(str(work / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED)
+
+
+def captions_of(predictions):
+    return [(os.path.basename(record["image_path"]), record["caption"])
+            for record in map(json.loads, predictions.read_text().splitlines())]
+
+
+LEARNT = [(f"{color}.jpg", COLOR_CAPTIONS[color]) for color in TRAINED]
+
+
+def test_a_4bit_base_trains_and_its_captions_are_learnt_on_either_base(qlora_run, work):
+    output_dir, training = qlora_run
+    assert "base model" in training.stdout and "with its language model in 4 bits (nf4)" in training.stdout
+    run_config = json.loads((output_dir / "run_config.json").read_text())
+    assert run_config["quantization"] == "4bit" and run_config["image_features_cached"]  # the vision tower as it was
+    state = json.loads((output_dir / "checkpoint-150" / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert losses[-1] < losses[0] - 0.5, losses
+    for quantization in ("4bit", "none"):  # the 4-bit base training used, and the base in full precision
+        check(run("infer.py", f"--output_dir={output_dir}", f"--images={trained_images(work)}",
+                  f"--quantization={quantization}", f"--output_path={quantization}.jsonl", cwd=work))
+        assert captions_of(work / f"{quantization}.jsonl") == LEARNT, quantization
+
+
+def test_a_4bit_run_merges_into_the_unquantized_base_with_the_same_captions(qlora_run, work):
+    output_dir, _ = qlora_run
+    merged = check(run("merge.py", f"--output_dir={output_dir}", "--merged_dir=qlora-merged", cwd=work))
+    assert "merged into the unquantized base" in merged.stdout
+    config = json.loads((work / "qlora-merged" / "config.json").read_text())
+    assert "quantization_config" not in config  # a plain model, for any reader
+    check(run("infer.py", "--model=qlora-merged", f"--images={trained_images(work)}", "--output_path=merged.jsonl",
+              cwd=work))
+    assert captions_of(work / "merged.jsonl") == LEARNT
+
+
+def test_compare_and_demo_caption_with_a_4bit_base_and_the_adapter_switched_off(qlora_run, work):
+    output_dir, _ = qlora_run
+    models = BaseAndFineTuned("", "", str(output_dir), CPU, quantization="4bit")
+    assert quantized_layers(models.fine_tuned)
+    paths = trained_images(work).split(",")
+    assert [(os.path.basename(path), caption) for path, caption in models.caption("fine_tuned", paths, 32, 4)] == LEARNT
+    assert [caption for _, caption in models.caption("base", paths, 32, 4)] != [caption for _, caption in LEARNT]
+
+
+def test_a_4bit_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(tiny_model, work):
+    args = [f"--model={tiny_model}", "--quantization=4bit", "--output_dir=resumed", "--test_size=2",
+            "--image_size=56", "--max_steps=8", "--save_steps=4", "--logging_steps=1", "--learning_rate=5e-3",
+            "--per_device_train_batch_size=1", "--gradient_accumulation_steps=1", "--lora_dropout=0",
+            "--swanlab_mode=disabled"]
+    check(run("train.py", *args, cwd=work))
+    output_dir = work / "resumed"
+    uninterrupted = json.loads((output_dir / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
+    shutil.rmtree(output_dir / "checkpoint-8")
+    os.remove(output_dir / "adapter_config.json")  # as if it had been stopped after checkpoint-4
+    resumed = check(run("train.py", *args, cwd=work))
+    assert f"resuming the interrupted run from {os.path.join('resumed', 'checkpoint-4')}" in resumed.stdout
+    history = json.loads((output_dir / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
+    losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+    assert losses == [(entry["step"], pytest.approx(entry["loss"], abs=1e-5)) for entry in uninterrupted if "loss" in entry]
+    assert [step for step, _ in losses] == list(range(1, 9))
+
+
+def test_dora_trains_on_a_4bit_base_and_merges_with_the_same_captions(tiny_model, work):
+    check(run("train.py", f"--model={tiny_model}", "--quantization=4bit", "--use_dora=true", "--output_dir=dora",
+              *LEARNING, cwd=work))
+    assert json.loads((work / "dora" / "adapter_config.json").read_text())["use_dora"] is True
+    check(run("merge.py", "--output_dir=dora", "--merged_dir=dora-merged", cwd=work))
+    for name, model in (("dora", []), ("dora-merged", ["--model=dora-merged"])):
+        check(run("infer.py", "--output_dir=dora", *model, f"--images={trained_images(work)}",
+                  f"--output_path={name}.jsonl", cwd=work))
+        assert captions_of(work / f"{name}.jsonl") == LEARNT, name
+
+
+def test_an_8bit_base_trains_and_captions(tiny_model, work):
+    check(run("train.py", f"--model={tiny_model}", "--quantization=8bit", "--output_dir=int8", *LEARNING, cwd=work))
+    check(run("infer.py", "--output_dir=int8", "--quantization=8bit", f"--images={trained_images(work)}",
+              "--output_path=int8.jsonl", cwd=work))
+    assert captions_of(work / "int8.jsonl") == LEARNT
+
+
+def test_a_change_of_quantization_is_not_resumed(tmp_path):
+    output_dir = tmp_path / "out"
+    (output_dir / "checkpoint-10").mkdir(parents=True)
+    (output_dir / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    (output_dir / "run_config.json").write_text(json.dumps({"quantization": "4bit"}))
+    (tmp_path / "data_vl.json").write_text("[]")
+    with pytest.raises(PipelineError, match=r"holds an interrupted run with other settings \(quantization differ\)"):
+        train.main([f"--json_path={tmp_path / 'data_vl.json'}", f"--output_dir={output_dir}",
+                    "--model=not-downloaded/Qwen2-VL-2B-Instruct"])
+
+
+def test_what_cannot_work_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    settings = ["--model=not-downloaded/Qwen2-VL-2B-Instruct", f"--output_dir={tmp_path}/out"]
+    with pytest.raises(PipelineError, match=r"^--quantization=3bit: use none, 4bit, 8bit$"):
+        train.main([*settings, "--quantization=3bit"])
+    with pytest.raises(PipelineError, match="--quantization=4bit cannot be used with --deepspeed"):
+        train.main([*settings, "--quantization=4bit", "--deepspeed=zero2"])
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(PipelineError, match=r"needs bitsandbytes, which is not installed: pip install 'bitsandbytes"):
+        train.main([*settings, "--quantization=4bit"])
+    broken = tmp_path / "broken" / "bitsandbytes"  # installed, but its native library does not load
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise OSError('libbitsandbytes_cpu.so: cannot open shared object file')")
+    monkeypatch.delitem(sys.modules, "bitsandbytes")
+    monkeypatch.syspath_prepend(str(broken.parent))
+    with pytest.raises(PipelineError, match=r"which does not load here \(OSError: libbitsandbytes_cpu.so: cannot"):
+        check_quantization("8bit")
+    cfg = parse_settings(vars(train), ["--quantization=none"])
+    check_quantization(cfg.quantization)  # none needs no bitsandbytes
