@@ -16,14 +16,15 @@ BITSANDBYTES = "bitsandbytes>=0.45"  # the first release whose 4-bit layers trai
 
 def check_quantization(quantization, deepspeed_config=None):
     """Refuse a quantization that cannot be used here, before anything loads: unknown, bitsandbytes missing or
-    unable to load, or under DeepSpeed, whose ZeRO stages partition weights that bitsandbytes packs its own way."""
+    unable to load, or under DeepSpeed (untried: ZeRO-3 partitions weights, which bitsandbytes packs its own way)."""
     if quantization not in QUANTIZATIONS:
         raise PipelineError(f"--quantization={quantization}: use {', '.join(QUANTIZATIONS)}")
     if quantization == "none":
         return
     if deepspeed_config:
-        raise PipelineError(f"--quantization={quantization} cannot be used with --deepspeed: a quantized base model "
-                            "is for a GPU the full model does not fit; train it with plain data parallel (torchrun)")
+        raise PipelineError(f"--quantization={quantization} cannot be used with --deepspeed: a quantized base is "
+                            "not supported under DeepSpeed here (ZeRO-3 partitions weights, which bitsandbytes packs "
+                            "its own way). On several GPUs, train it with torchrun's plain data parallel")
     try:
         importlib.import_module("bitsandbytes")  # which loads its native library for this machine
     except ModuleNotFoundError as error:

@@ -17,6 +17,7 @@ from captioning.precision import Compute
 from captioning.quantization import check_quantization, weight_bytes
 from captioning.settings import parse_settings
 from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, TRAINED, check, make_imagefolder, run
+from test_scale_out import logged_losses, torchrun
 
 CPU = Compute("cpu", "fp32", "sdpa")
 LEARNING = ["--test_size=2", "--image_size=56", "--max_steps=150", "--learning_rate=5e-3",
@@ -136,6 +137,17 @@ def test_a_4bit_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(ti
     losses = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
     assert losses == [(entry["step"], pytest.approx(entry["loss"], abs=1e-5)) for entry in uninterrupted if "loss" in entry]
     assert [step for step, _ in losses] == list(range(1, 9))
+
+
+def test_two_processes_under_torchrun_train_a_4bit_base_as_one_process_with_the_same_global_batch(tiny_model, work):
+    args = [f"--model={tiny_model}", "--quantization=4bit", "--test_size=2", "--image_size=56", "--max_steps=4",
+            "--save_steps=4", "--logging_steps=1", "--learning_rate=5e-3", "--gradient_accumulation_steps=1",
+            "--lora_dropout=0", "--swanlab_mode=disabled"]
+    check(torchrun(*args, "--output_dir=ddp", cwd=work))  # one sample a process
+    check(run("train.py", *args, "--output_dir=single", "--per_device_train_batch_size=2", cwd=work))
+    ddp_step, ddp_losses = logged_losses(work / "ddp")
+    single_step, single_losses = logged_losses(work / "single")
+    assert ddp_step == single_step == 4 and ddp_losses == pytest.approx(single_losses, abs=1e-4)
 
 
 def test_dora_trains_on_a_4bit_base_and_merges_with_the_same_captions(tiny_model, work):
