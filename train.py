@@ -315,7 +315,8 @@ def train(trainer, resume_from, plan):
         raise PipelineError(
             f"the GPU ran out of memory in training (micro-batches of {plan['micro_batch_size_used']}, gradient "
             f"checkpointing {'on' if plan['gradient_checkpointing_used'] else 'off'}). Run again to continue from the "
-            "last checkpoint with a smaller --micro_batch_size, --gradient_checkpointing=true or a smaller --image_size"
+            "last checkpoint with a smaller --micro_batch_size or --gradient_checkpointing=true, or start afresh "
+            "(--resume=never) with a smaller --image_size or --quantization=4bit"
         ) from error
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
