@@ -12,6 +12,7 @@ import torch
 import train
 from captioning.errors import PipelineError
 from captioning.generation import BaseAndFineTuned
+from captioning.images import ImageGeometry
 from captioning.models import load_model_and_processor
 from captioning.precision import Compute
 from captioning.quantization import check_quantization, weight_bytes
@@ -37,6 +38,16 @@ def test_only_the_language_model_s_linear_layers_are_quantized(family_model, qua
     assert quantized_layers(model) == language_model_linears and language_model_linears
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
     assert all(parameter.dtype == torch.float32 for parameter in model.model.visual.parameters())
+
+
+def test_training_s_4bit_model_keeps_the_vision_tower_and_head_in_the_run_s_precision(tiny_model):
+    cfg = parse_settings(vars(train), ["--quantization=4bit"])
+    lora_model, _ = train.lora_model_and_processor(cfg, tiny_model, Compute("cpu", "bf16", "sdpa"), ImageGeometry(56, 28))
+    base_model = lora_model.get_base_model()
+    # no k-bit preparation: it would upcast them to fp32
+    assert {p.dtype for p in (*base_model.model.visual.parameters(), *base_model.lm_head.parameters())} == {torch.bfloat16}
+    assert {p.dtype for name, p in lora_model.named_parameters() if p.requires_grad} == {torch.float32}  # the adapter
+    assert not any(p.requires_grad for p in base_model.model.visual.parameters())
 
 
 def test_the_weights_take_what_their_bits_say_measured_from_their_tensors(tiny_model):
