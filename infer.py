@@ -1,26 +1,33 @@
-"""Step 4: caption images with the trained LoRA adapter.
+"""Step 4: caption images with the trained LoRA adapter: a few, or a whole collection on every GPU.
 
     python infer.py                                    # the held-out test images, newest adapter in output_dir
     python infer.py --images="photos/*.jpg,cat.png" --checkpoint=output/Qwen2-VL-2B/checkpoint-100
+    python infer.py --images=my_collection/ --output_path=collection.jsonl      # a folder, searched recursively
+    torchrun --nproc_per_node=4 infer.py --images=paths.txt --output_path=collection.jsonl   # one process per GPU
     python infer.py --model=output/Qwen2-VL-2B-merged                # a merged model from merge.py
 
 Uses the prompt, image size and base model that training saved in run_config.json, generates greedily in
 batches, prints each caption and writes one JSON record per image (image_path, caption, model, adapter) to
-output_path, by default predictions.jsonl next to the adapter used.
+output_path, by default predictions.jsonl next to the adapter used. Each batch's records are saved as it finishes,
+so an interrupted run goes on where it stopped when run again, and a re-run skips the images already captioned;
+with several processes each captions its share, and the records are merged in input order at the end.
 """
-import glob
-import json
 import os
+import time
+from contextlib import ExitStack
+from itertools import islice
 
 from captioning.adapters import trained_model
-from captioning.data import read_conversations
-from captioning.disk_full import stop_if_disk_full
+from captioning.data import report_skipped
 from captioning.errors import PipelineError
-from captioning.files import atomic_write
 from captioning.generation import caption_files
+from captioning.image_inputs import image_paths
 from captioning.images import trained_geometry
+from captioning.locks import hold
 from captioning.models import load_model_and_processor
 from captioning.precision import compute_choice
+from captioning.predictions import SKIPPED, Predictions
+from captioning.processes import decided_by_the_main_process, join_processes, wait_for_all
 from captioning.quantization import check_quantization
 from captioning.scripts import run_script
 from captioning.settings import parse_settings, require_positive
@@ -29,7 +36,7 @@ from captioning.settings import parse_settings, require_positive
 model = ""  # base model; empty: the one training used (run_config.json); a folder from merge.py needs no adapter
 output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters
 checkpoint = ""  # adapter folder; empty: the newest trained adapter under output_dir
-images = ""  # comma-separated image paths or globs; empty: the held-out test images of training
+images = ""  # comma-separated image files, folders (recursively), globs, text files of paths, data2csv's CSV or csv2json's JSON; empty: training's held-out images
 batch_size = 8
 max_new_tokens = 128
 output_path = ""  # one JSON record per image; empty: predictions.jsonl in the adapter's (or merged model's) folder
@@ -40,15 +47,52 @@ debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
 
-def expand_images(spec):
-    """Comma-separated paths and globs; a path that does not exist is kept so it is reported by name."""
-    paths = []
-    for part in filter(None, (part.strip() for part in spec.split(","))):
-        matches = sorted(glob.glob(part)) if glob.has_magic(part) else [part]
-        if not matches:
-            print(f"warning: no file matches {part}")
-        paths += matches
-    return paths
+def check_images(spec):
+    """Refuse, before the model loads, a list of images that names none or none that exists."""
+    named, found = 0, []
+    for path in image_paths(spec):
+        named += 1
+        if os.path.isfile(path):
+            return
+        found.append(path)
+    if not named:
+        raise PipelineError("no image to caption: set --images to image files, folders, globs or text files of paths")
+    raise PipelineError(f"none of the {named} images could be read: {', '.join(found[:3])} not found")
+
+
+def caption_share(cfg, compute, checkpoint_dir, base, run_config, predictions, spec):
+    """Caption this process's share of the images, batch by batch, each batch's records added to its part as it
+    ends, with a progress bar (images/s, time left) in the main process."""
+    from tqdm import tqdm
+
+    count = sum(1 for _ in predictions.to_caption(image_paths(spec, warn=ignore)))
+    if not count:
+        return
+    model, processor = load_model_and_processor(base, compute, on_device=True, quantization=cfg.quantization)
+    if checkpoint_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, checkpoint_dir)
+    model.eval()
+    geometry = trained_geometry(run_config)
+    adapter = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
+    share = f" (this process's share of {predictions.num_processes})" if predictions.num_processes > 1 else ""
+    paths = predictions.to_caption(image_paths(spec, warn=ignore))
+    with tqdm(total=count, desc=f"captioning{share}", unit="image", disable=predictions.rank != 0) as progress:
+        while batch := list(islice(paths, cfg.batch_size)):
+            skipped = []
+            captioned = caption_files(model, processor, batch, geometry, run_config["prompt"], cfg.max_new_tokens,
+                                      cfg.batch_size, show_progress=False, skipped=skipped)
+            for path, caption in captioned:
+                progress.write(f"{path}: {caption}")
+            predictions.append([{"image_path": path, "caption": caption, "model": base, "adapter": adapter}
+                                for path, caption in captioned] + [{"image_path": path, SKIPPED: why}
+                                                                   for path, why in skipped])
+            progress.update(len(batch))
+
+
+def ignore(message):
+    """Where the warnings of a second pass over the images go: the first pass gave them."""
 
 
 def main(argv=()):
@@ -57,42 +101,32 @@ def main(argv=()):
     compute = compute_choice(cfg.precision, cfg.attention)
     check_quantization(cfg.quantization)
     checkpoint_dir, run_config, base = trained_model(cfg.model, cfg.checkpoint, cfg.output_dir)
-    if cfg.images:
-        image_paths = expand_images(cfg.images)
-    else:
-        image_paths = list(dict.fromkeys(sample["image_path"] for sample in read_conversations(run_config["test_json"])))
-    if not image_paths:
-        raise PipelineError("no image to caption: set --images to image paths or globs")
-    if not any(os.path.isfile(path) for path in image_paths):
-        raise PipelineError(f"none of the {len(image_paths)} images could be read: {', '.join(image_paths[:3])} "
-                            "not found")
-
-    model, processor = load_model_and_processor(base, compute, on_device=True, quantization=cfg.quantization)
-    if checkpoint_dir:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, checkpoint_dir)
-    model.eval()
+    spec = cfg.images or run_config["test_json"]
+    check_images(spec)
     used = checkpoint_dir or base
-    geometry = trained_geometry(run_config)
-    print(f"captioning {len(image_paths)} images with {used} (prompt {run_config['prompt']!r}, images {geometry})")
-    captioned = caption_files(model, processor, image_paths, geometry, run_config["prompt"],
-                              cfg.max_new_tokens, cfg.batch_size)
-    if not captioned:
-        raise PipelineError(f"none of the {len(image_paths)} images could be read")
-
     output_path = cfg.output_path or os.path.join(used, "predictions.jsonl")
-    adapter = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
-    lines = []
-    for path, caption in captioned:
-        print(f"{path}: {caption}")
-        record = {"image_path": path, "caption": caption, "model": base, "adapter": adapter}
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-    with stop_if_disk_full(os.path.dirname(os.path.abspath(output_path)), output_path, setting="output_path",
-                           needed=lambda: sum(len(line.encode()) for line in lines), then="it captions again"), \
-            atomic_write(output_path, encoding="utf-8") as file:
-        file.writelines(lines)
-    print(f"wrote {len(captioned)} captions to {output_path}")
+
+    rank, num_processes = join_processes()  # under torchrun: one process per GPU, each with its share
+    started = time.perf_counter()
+    with ExitStack() as held:
+        decided_by_the_main_process(lambda: held.enter_context(hold(output_path)), rank, num_processes)
+        predictions = Predictions(output_path, rank, num_processes)
+        if rank == 0:
+            to_caption = sum(1 for _ in predictions.to_caption(image_paths(spec, warn=ignore), every_share=True))
+            earlier = f"; {len(predictions.done)} captioned before, in {output_path}" if predictions.done else ""
+            print(f"captioning {to_caption} images with {used} in {num_processes} process(es) (prompt "
+                  f"{run_config['prompt']!r}, images {trained_geometry(run_config)}){earlier}")
+        caption_share(cfg, compute, checkpoint_dir, base, run_config, predictions, spec)
+        wait_for_all(num_processes)
+        if rank != 0:
+            return
+        added, skipped = predictions.merge(image_paths(spec, warn=ignore))
+    seconds = time.perf_counter() - started
+    report_skipped([f"{path}: {why}" for path, why in skipped], "images")
+    if not added and not predictions.earlier:
+        raise PipelineError(f"none of the {len(skipped)} images could be read")
+    print(f"wrote {added + len(predictions.earlier)} captions to {output_path}: {added} new in {seconds:.1f} s "
+          f"({added / seconds:.2f} images/s), {len(skipped)} skipped")
 
 
 if __name__ == "__main__":

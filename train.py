@@ -350,8 +350,8 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
     from transformers import set_seed
 
     from captioning.speed import CaptionTrainer, LengthGroupedSampler, SamplerEpochs, plan_speed
-    from captioning.training_run import (ReadableCheckpoints, check_shared_output_dir, decided_by_the_main_process,
-                                         resume_point, save_final_adapter)
+    from captioning.processes import decided_by_the_main_process
+    from captioning.training_run import ReadableCheckpoints, check_shared_output_dir, resume_point, save_final_adapter
 
     mode = swanlab_run_mode(cfg.swanlab_mode) if is_main_process else "disabled"
     alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
@@ -380,7 +380,8 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
     args = trainer_arguments(cfg, deepspeed_config, compute)  # joins the processes, if several
     check_shared_output_dir(cfg.output_dir, args)
     if not alone:  # by the main process, once all have joined and seen output_dir
-        resume_from, earlier_run = decided_by_the_main_process(lambda: resume_point(cfg, is_main_process), args)
+        resume_from, earlier_run = decided_by_the_main_process(lambda: resume_point(cfg, is_main_process),
+                                                                args.process_index, args.world_size)
     lora_model.to(args.device)
     args, plan = plan_speed(cfg, lora_model, processor, dataset, collator, args, deepspeed_config, compute)
     step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * args.world_size

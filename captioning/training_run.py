@@ -104,23 +104,6 @@ def resume_point(cfg, is_main_process):
     return checkpoint, earlier
 
 
-def decided_by_the_main_process(decide, args):
-    """decide() run by the main process alone and its result, or the PipelineError it raised, given to every
-    process: all then take the same path, and none waits in a collective that the others never reach."""
-    if args.world_size == 1:
-        return decide()
-    decision = [None]
-    if args.process_index == 0:
-        try:
-            decision = [decide()]
-        except PipelineError as error:
-            decision = [error]
-    torch.distributed.broadcast_object_list(decision, src=0)
-    if isinstance(decision[0], PipelineError):
-        raise decision[0]
-    return decision[0]
-
-
 def check_shared_output_dir(output_dir, args):
     """Stop every process at once unless all of them see the main process's output_dir: only the main process writes
     the checkpoints there, and every process resumes from them (a node resuming alone from its own folder would

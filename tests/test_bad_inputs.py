@@ -324,7 +324,7 @@ def test_an_empty_image_list_is_refused(tmp_path):
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (tmp_path / name).write_text("{}")
     (tmp_path / "run_config.json").write_text('{"image_size": 56, "prompt": "COCO Yes:", "model": "x"}')
-    with pytest.raises(PipelineError, match="no image to caption: set --images to image paths or globs"):
+    with pytest.raises(PipelineError, match="no image to caption: set --images to image files, folders, globs or text files of paths"):
         infer.main([f"--checkpoint={tmp_path}", "--images=,"])
     with pytest.raises(PipelineError, match="none of the 1 images could be read"):
         infer.main([f"--checkpoint={tmp_path}", f"--images={tmp_path}/missing.jpg"])
