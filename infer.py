@@ -20,17 +20,19 @@ from itertools import islice
 from captioning.adapters import trained_model
 from captioning.data import report_skipped
 from captioning.errors import PipelineError
-from captioning.generation import caption_files
+from captioning.generation import generate_captions
 from captioning.image_inputs import image_paths
-from captioning.images import trained_geometry
+from captioning.images import loaded_images, trained_geometry
 from captioning.locks import hold
-from captioning.models import load_model_and_processor
+from captioning.model_files import pin_image_size
+from captioning.models import load_model_and_processor, resolve_model
 from captioning.precision import compute_choice
 from captioning.predictions import SKIPPED, Predictions
 from captioning.processes import decided_by_the_main_process, join_processes, wait_for_all
 from captioning.quantization import check_quantization
 from captioning.scripts import run_script
 from captioning.settings import parse_settings, require_positive
+from captioning.vllm_engine import VllmCaptions, check_engine
 
 # ----------------------------------------------------------------------------- settings
 model = ""  # base model; empty: the one training used (run_config.json); a folder from merge.py needs no adapter
@@ -38,6 +40,7 @@ output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters
 checkpoint = ""  # adapter folder; empty: the newest trained adapter under output_dir
 images = ""  # comma-separated image files, folders (recursively), globs, text files of paths, data2csv's CSV or csv2json's JSON; empty: training's held-out images
 batch_size = 8
+engine = "transformers"  # transformers (generate) | vllm: vLLM's engine, faster on large collections (pip install vllm)
 max_new_tokens = 128
 output_path = ""  # one JSON record per image; empty: predictions.jsonl in the adapter's (or merged model's) folder
 quantization = "none"  # none | 4bit | 8bit: the base model's language model quantized (bitsandbytes), for GPUs the full model does not fit
@@ -60,6 +63,23 @@ def check_images(spec):
     raise PipelineError(f"none of the {named} images could be read: {', '.join(found[:3])} not found")
 
 
+def captioner(cfg, compute, checkpoint_dir, base, run_config):
+    """The function that captions a batch of images resized to training's geometry, with the engine chosen."""
+    geometry = trained_geometry(run_config)
+    if cfg.engine == "vllm":
+        return VllmCaptions(resolve_model(base), checkpoint_dir, geometry, compute, run_config["prompt"],
+                            cfg.max_new_tokens)
+    model, processor = load_model_and_processor(base, compute, on_device=True, quantization=cfg.quantization)
+    if checkpoint_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, checkpoint_dir)
+    model.eval()
+    pin_image_size(processor, geometry)  # so that it leaves the resized images as they are
+    return lambda images: generate_captions(model, processor, images, run_config["prompt"], cfg.max_new_tokens,
+                                            cfg.batch_size, show_progress=False)
+
+
 def caption_share(cfg, compute, checkpoint_dir, base, run_config, predictions, spec):
     """Caption this process's share of the images, batch by batch, each batch's records added to its part as it
     ends, with a progress bar (images/s, time left) in the main process."""
@@ -68,26 +88,22 @@ def caption_share(cfg, compute, checkpoint_dir, base, run_config, predictions, s
     count = sum(1 for _ in predictions.to_caption(image_paths(spec, warn=ignore)))
     if not count:
         return
-    model, processor = load_model_and_processor(base, compute, on_device=True, quantization=cfg.quantization)
-    if checkpoint_dir:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, checkpoint_dir)
-    model.eval()
+    caption = captioner(cfg, compute, checkpoint_dir, base, run_config)
     geometry = trained_geometry(run_config)
     adapter = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
     share = f" (this process's share of {predictions.num_processes})" if predictions.num_processes > 1 else ""
     paths = predictions.to_caption(image_paths(spec, warn=ignore))
     with tqdm(total=count, desc=f"captioning{share}", unit="image", disable=predictions.rank != 0) as progress:
         while batch := list(islice(paths, cfg.batch_size)):
-            skipped = []
-            captioned = caption_files(model, processor, batch, geometry, run_config["prompt"], cfg.max_new_tokens,
-                                      cfg.batch_size, show_progress=False, skipped=skipped)
-            for path, caption in captioned:
-                progress.write(f"{path}: {caption}")
-            predictions.append([{"image_path": path, "caption": caption, "model": base, "adapter": adapter}
-                                for path, caption in captioned] + [{"image_path": path, SKIPPED: why}
-                                                                   for path, why in skipped])
+            loaded, skipped = loaded_images(batch, geometry)
+            captions = caption([image for _, image in loaded]) if loaded else []
+            for path, why in skipped:
+                progress.write(f"skipped: {why}")
+            for (path, _), text in zip(loaded, captions):
+                progress.write(f"{path}: {text}")
+            predictions.append([{"image_path": path, "caption": text, "model": base, "adapter": adapter}
+                                for (path, _), text in zip(loaded, captions)] +
+                               [{"image_path": path, SKIPPED: why} for path, why in skipped])
             progress.update(len(batch))
 
 
@@ -101,6 +117,7 @@ def main(argv=()):
     compute = compute_choice(cfg.precision, cfg.attention)
     check_quantization(cfg.quantization)
     checkpoint_dir, run_config, base = trained_model(cfg.model, cfg.checkpoint, cfg.output_dir)
+    check_engine(cfg.engine, cfg.quantization, checkpoint_dir)
     spec = cfg.images or run_config["test_json"]
     check_images(spec)
     used = checkpoint_dir or base

@@ -5,8 +5,7 @@ from contextlib import suppress
 
 from captioning.adapters import trained_model
 from captioning.chat import END_OF_TURN, build_messages
-from captioning.errors import PipelineError
-from captioning.images import load_image, trained_geometry
+from captioning.images import loaded_images, trained_geometry
 from captioning.model_files import pin_image_size
 from captioning.models import load_model_and_processor
 
@@ -49,14 +48,11 @@ def caption_files(model, processor, paths, geometry, prompt, max_new_tokens, bat
     pin_image_size(processor, geometry)  # so that it leaves the images load_image resized as they are
     with tqdm(total=len(paths), desc=description, unit="image", disable=not show_progress) as progress:
         for start in range(0, len(paths), batch_size):
-            loaded = []
-            for path in paths[start:start + batch_size]:
-                try:
-                    loaded.append((path, load_image(path, geometry)))
-                except PipelineError as error:
-                    progress.write(f"skipped: {error}")
-                    if skipped is not None:
-                        skipped.append((path, str(error)))
+            loaded, failed = loaded_images(paths[start:start + batch_size], geometry)
+            for path, why in failed:
+                progress.write(f"skipped: {why}")
+            if skipped is not None:
+                skipped += failed
             captions = generate_captions(model, processor, [image for _, image in loaded], prompt, max_new_tokens,
                                          batch_size, show_progress=False) if loaded else []
             captioned += [(path, caption) for (path, _), caption in zip(loaded, captions)]

@@ -98,3 +98,14 @@ def load_image(path, geometry):
         raise PipelineError(f"cannot read image {path}: {error}") from error
     size = geometry.size_of(*image.size, path)
     return image if image.size == size else image.resize(size, Image.BICUBIC)
+
+
+def loaded_images(paths, geometry):
+    """([(path, image)] of the paths that load, resized as geometry says; [(path, why)] of those that do not)."""
+    loaded, failed = [], []
+    for path in paths:
+        try:
+            loaded.append((path, load_image(path, geometry)))
+        except PipelineError as error:
+            failed.append((path, str(error)))
+    return loaded, failed

