@@ -1,6 +1,7 @@
 """The processes a launcher (torchrun) starts, one per GPU: which one this is, joining them, and the decisions the
 main process takes for all of them."""
 
+import datetime
 import os
 
 from captioning.errors import PipelineError
@@ -18,7 +19,8 @@ def join_processes():
 
     rank, num_processes = this_process()
     if num_processes > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
+        # a week: the processes meet again only when each has done its share, which can take the others hours
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return rank, num_processes
