@@ -1,6 +1,6 @@
-"""infer.py's predictions.jsonl written as captioning goes, so that an interruption loses nothing done: each
-process appends whole records to its own part as each batch finishes, a re-run skips every image already captioned,
-and the parts are merged into the one file, in input order, when all processes are done."""
+"""infer.py's predictions.jsonl written as captioning goes, so that an interruption loses nothing: each process
+appends whole records to its own part as each batch ends, a re-run skips what is captioned, and the parts are
+merged into the one file in input order at the end."""
 
 import glob
 import json
