@@ -7,9 +7,10 @@ peak memory as the collection grows.
 Every measurement is a run of infer.py as a user starts it, in its own process, on a random-weight model given as a
 folder with run_config.json (so nothing is downloaded or trained) over random-noise photos. images/s is taken
 after start-up: from runs over `images` and twice as many photos, (2N - N) / (the difference of their wall times),
-so loading the model and starting the engine drop out. The random model writes max_new_tokens tokens for each photo
-with either engine. Peak memory (RSS, the process and its children) is measured with the transformers engine over
-each of memory_images photos. Prints a table and writes bench/collection_results.json.
+so loading the model and starting the engine drop out. The random model seldom stops before max_new_tokens, and
+the two engines' captions are compared. Peak memory (RSS, the process and its children) is measured with the transformers engine over
+each of memory_images photos, each captioned with one token (memory does not grow with the caption's length, and a
+run over 10,000 photos then takes minutes on a CPU). Prints a table and writes bench/collection_results.json.
 """
 import json
 import os
@@ -66,7 +67,7 @@ def prepare(cfg, folder, count):
                         ).save(os.path.join(folder, "photos", f"{number:06}.jpg"))
 
 
-def caption(cfg, python, folder, count, engine):
+def caption(cfg, python, folder, count, engine, max_new_tokens):
     """(seconds, peak RSS in MB, captions) of infer.py captioning the first count photos with engine."""
     listed = os.path.join(folder, f"first-{count}.txt")
     with open(listed, "w") as file:
@@ -75,7 +76,7 @@ def caption(cfg, python, folder, count, engine):
     start = time.perf_counter()
     result = subprocess.run([python, "-c", PEAK_RSS, os.path.join(REPO, "infer.py"), f"--model={folder}/model",
                              f"--images={listed}", f"--output_path={output}", f"--engine={engine}",
-                             f"--batch_size={cfg.batch_size}", f"--max_new_tokens={cfg.max_new_tokens}"],
+                             f"--batch_size={cfg.batch_size}", f"--max_new_tokens={max_new_tokens}"],
                             capture_output=True, text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"})
     seconds = time.perf_counter() - start
     if result.returncode:
@@ -119,8 +120,8 @@ def main(argv=()):
         captions = {}
         for engine, python in engines.items():
             print(f"timing the {engine} engine ...", flush=True)
-            once, _, _ = caption(cfg, python, folder, cfg.images, engine)
-            twice, peak, captions[engine] = caption(cfg, python, folder, 2 * cfg.images, engine)
+            once, _, _ = caption(cfg, python, folder, cfg.images, engine, cfg.max_new_tokens)
+            twice, peak, captions[engine] = caption(cfg, python, folder, 2 * cfg.images, engine, cfg.max_new_tokens)
             results["engines"][engine] = {"images_per_second": cfg.images / (twice - once), "seconds": twice,
                                           "peak_rss_mb": peak}
         if len(captions) == 2:
@@ -128,7 +129,7 @@ def main(argv=()):
                 a == b for a, b in zip(captions["transformers"], captions["vllm"])) / len(captions["transformers"])
         for count in counts:
             print(f"captioning {count} photos for the peak memory ...", flush=True)
-            seconds, peak, _ = caption(cfg, sys.executable, folder, count, "transformers")
+            seconds, peak, _ = caption(cfg, sys.executable, folder, count, "transformers", max_new_tokens=1)
             results["memory"][count] = {"peak_rss_mb": peak, "seconds": seconds}
             write_json(cfg.output, results)
     write_json(cfg.output, results)
