@@ -48,12 +48,16 @@ class VllmCaptions:
 
         most_tokens = geometry.tokens((geometry.image_size, geometry.image_size))
         lora = {"enable_lora": True, "max_lora_rank": adapter_config(checkpoint_dir)["r"]} if checkpoint_dir else {}
-        self.llm = LLM(model=base, dtype=PRECISIONS[compute.precision], limit_mm_per_prompt={"image": 1},
-                       # the processor's bounds as training's: it then leaves the resized images as they are
-                       mm_processor_kwargs={"min_pixels": geometry.side_multiple ** 2,
-                                            "max_pixels": geometry.image_size ** 2},
-                       # room for an image that keeps a side of one merged patch beyond image_size, and the text
-                       max_model_len=4 * most_tokens + 256 + max_new_tokens, seed=0, **lora)
+        try:
+            self.llm = LLM(model=base, dtype=PRECISIONS[compute.precision], limit_mm_per_prompt={"image": 1},
+                           # the processor's bounds as training's: it then leaves the resized images as they are
+                           mm_processor_kwargs={"min_pixels": geometry.side_multiple ** 2,
+                                                "max_pixels": geometry.image_size ** 2},
+                           # room for an image that keeps a side of one merged patch beyond image_size, and the text
+                           max_model_len=4 * most_tokens + 256 + max_new_tokens, seed=0, **lora)
+        except Exception as error:  # e.g. a GPU vLLM's kernels do not support, or too little memory for its cache
+            raise PipelineError(f"vLLM could not start its engine for {base} on this machine ({type(error).__name__}: "
+                                f"{error}); use --engine=transformers, or see vLLM's message above") from error
         self.adapter = LoRARequest("adapter", 1, checkpoint_dir) if checkpoint_dir else None
         self.sampling = SamplingParams(temperature=0, max_tokens=max_new_tokens)  # greedy, as transformers' path
         self.prompt = prompt
