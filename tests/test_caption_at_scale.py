@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 
 from captioning.errors import PipelineError
-from captioning.vllm_engine import check_engine
+from captioning.images import ImageGeometry
+from captioning.precision import Compute
+from captioning.vllm_engine import VllmCaptions, check_engine
 from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, check, make_imagefolder, run, start_and_wait_for
 
 SIZES = [(64, 48), (48, 96), (160, 40), (56, 56), (90, 30)]
@@ -161,3 +163,16 @@ def test_the_vllm_engine_is_refused_where_it_cannot_caption(tmp_path, monkeypatc
     with pytest.raises(PipelineError, match=r"is a DoRA adapter, which vLLM cannot apply: merge it"):
         check_engine("vllm", "none", str(tmp_path))
     check_engine("transformers", "4bit", str(tmp_path))
+
+
+def test_a_vllm_engine_that_cannot_start_here_is_named(monkeypatch):
+    def no_engine(**settings):
+        raise RuntimeError("CUDA capability 6.1 is below vLLM's minimum 7.0")
+
+    fake = {"vllm": types.SimpleNamespace(LLM=no_engine, SamplingParams=dict),
+            "vllm.lora.request": types.SimpleNamespace(LoRARequest=None)}
+    for name, module in fake.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    with pytest.raises(PipelineError, match=r"vLLM could not start its engine for model-folder on this machine "
+                                            r"\(RuntimeError: CUDA capability 6.1 .*\); use --engine=transformers"):
+        VllmCaptions("model-folder", None, ImageGeometry(56, 28), Compute("cuda", "fp16", "sdpa"), "COCO Yes:", 16)
