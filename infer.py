@@ -82,13 +82,16 @@ def captioner(cfg, compute, checkpoint_dir, base, run_config):
 
 def caption_share(cfg, compute, checkpoint_dir, base, run_config, predictions, spec):
     """Caption this process's share of the images, batch by batch, each batch's records added to its part as it
-    ends, with a progress bar (images/s, time left) in the main process."""
+    ends, with a progress bar (images/s, time left) in the main process. Returns the seconds taken to load the
+    model (or start the engine)."""
     from tqdm import tqdm
 
     count = sum(1 for _ in predictions.to_caption(image_paths(spec, warn=ignore)))
     if not count:
-        return
+        return 0.0
+    started = time.perf_counter()
     caption = captioner(cfg, compute, checkpoint_dir, base, run_config)
+    loading = time.perf_counter() - started
     geometry = trained_geometry(run_config)
     adapter = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
     share = f" (this process's share of {predictions.num_processes})" if predictions.num_processes > 1 else ""
@@ -105,6 +108,7 @@ def caption_share(cfg, compute, checkpoint_dir, base, run_config, predictions, s
                                 for (path, _), text in zip(loaded, captions)] +
                                [{"image_path": path, SKIPPED: why} for path, why in skipped])
             progress.update(len(batch))
+    return loading
 
 
 def ignore(message):
@@ -133,7 +137,7 @@ def main(argv=()):
             earlier = f"; {len(predictions.done)} captioned before, in {output_path}" if predictions.done else ""
             print(f"captioning {to_caption} images with {used} in {num_processes} process(es) (prompt "
                   f"{run_config['prompt']!r}, images {trained_geometry(run_config)}){earlier}")
-        caption_share(cfg, compute, checkpoint_dir, base, run_config, predictions, spec)
+        loading = caption_share(cfg, compute, checkpoint_dir, base, run_config, predictions, spec)
         wait_for_all(num_processes)
         if rank != 0:
             return
@@ -143,7 +147,8 @@ def main(argv=()):
     if not added and not predictions.earlier:
         raise PipelineError(f"none of the {len(skipped)} images could be read")
     print(f"wrote {added + len(predictions.earlier)} captions to {output_path}: {added} new in {seconds:.1f} s "
-          f"({added / seconds:.2f} images/s), {len(skipped)} skipped")
+          f"({loading:.1f} s loading the model, then {added / (seconds - loading):.2f} images/s), "
+          f"{len(skipped)} skipped")
 
 
 if __name__ == "__main__":

@@ -2,19 +2,20 @@
 peak memory as the collection grows.
 
     .venv/bin/python bench/collection.py                # CPU: bench.py's scaled-down Qwen2-VL; CUDA: the 2B shape
-    .venv/bin/python bench/collection.py --vllm_python=/path/to/python/with/vllm --images=400
+    .venv/bin/python bench/collection.py --vllm_python=/path/to/python/with/vllm --images=1000
 
 Every measurement is a run of infer.py as a user starts it, in its own process, on a random-weight model given as a
-folder with run_config.json (so nothing is downloaded or trained) over random-noise photos. images/s is taken
-after start-up: from runs over `images` and twice as many photos, (2N - N) / (the difference of their wall times),
-so loading the model and starting the engine drop out. The random model seldom stops before max_new_tokens, and
-the two engines' captions are compared. Peak memory (RSS, the process and its children) is measured with the transformers engine over
-each of memory_images photos, each captioned with one token (memory does not grow with the caption's length, and a
-run over 10,000 photos then takes minutes on a CPU). Prints a table and writes bench/collection_results.json.
+folder with run_config.json (so nothing is downloaded or trained) over random-noise photos. images/s is the rate
+infer.py's summary gives once the model has loaded (or the engine started), so start-up drops out. The random
+model seldom stops before max_new_tokens, and the two engines' captions are compared. Peak memory (the RSS of the
+largest process: infer.py's, or vLLM's engine's) is measured with the transformers engine over each of
+memory_images photos, each captioned with one token (memory does not grow with the caption's length, and a run
+over 10,000 photos then takes minutes on a CPU). Prints a table and writes bench/collection_results.json.
 """
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from captioning.scripts import run_script  # noqa: E402
 from captioning.settings import parse_settings  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
-images = 64  # photos of the timed runs (and twice as many)
+images = 256  # photos of the timed runs
 memory_images = "1000,10000"  # photos of the runs whose peak memory is measured
 max_new_tokens = 16
 batch_size = 16
@@ -40,10 +41,9 @@ output = "bench/collection_results.json"
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
-# runs infer.py in this process, then prints the peak RSS of it and of its children (vLLM's engine), in MB
-PEAK_RSS = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
-            "print('peak_rss_mb', max(resource.getrusage(who).ru_maxrss for who in "
-            "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024)")
+# runs a command, then prints the peak RSS of its largest process (infer.py, or vLLM's engine) in MB, once all ended
+PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print('peak_rss_mb', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); sys.exit(code)")
 
 
 def prepare(cfg, folder, count):
@@ -68,24 +68,25 @@ def prepare(cfg, folder, count):
 
 
 def caption(cfg, python, folder, count, engine, max_new_tokens):
-    """(seconds, peak RSS in MB, captions) of infer.py captioning the first count photos with engine."""
+    """(images/s once loaded, seconds, peak RSS in MB, captions) of infer.py captioning the first count photos."""
     listed = os.path.join(folder, f"first-{count}.txt")
     with open(listed, "w") as file:
         file.writelines(os.path.join(folder, "photos", f"{number:06}.jpg\n") for number in range(count))
     output = os.path.join(folder, f"{engine}-{count}.jsonl")
     start = time.perf_counter()
-    result = subprocess.run([python, "-c", PEAK_RSS, os.path.join(REPO, "infer.py"), f"--model={folder}/model",
+    result = subprocess.run([python, "-c", PEAK_RSS, python, os.path.join(REPO, "infer.py"), f"--model={folder}/model",
                              f"--images={listed}", f"--output_path={output}", f"--engine={engine}",
                              f"--batch_size={cfg.batch_size}", f"--max_new_tokens={max_new_tokens}"],
                             capture_output=True, text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"})
     seconds = time.perf_counter() - start
     if result.returncode:
         raise PipelineError(f"infer.py --engine={engine} failed:\n{result.stderr[-3000:]}")
-    peak = float(result.stdout.split("peak_rss_mb")[-1])
+    peak = float(result.stdout.rsplit("peak_rss_mb", 1)[1])
+    rate = float(re.search(r"then ([\d.]+) images/s", result.stdout)[1])
     with open(output, encoding="utf-8") as file:
         captions = [json.loads(line)["caption"] for line in file]
     os.remove(output)
-    return seconds, peak, captions
+    return rate, seconds, peak, captions
 
 
 def python_with_vllm(setting):
@@ -115,27 +116,26 @@ def main(argv=()):
                "settings": {key: getattr(cfg, key) for key in ("images", "max_new_tokens", "batch_size", "model_size")},
                "engines": {}, "memory": {}}
     with tempfile.TemporaryDirectory() as folder:
-        print(f"preparing {max(counts + [2 * cfg.images])} photos and a {cfg.model_size} model on {device}")
-        prepare(cfg, folder, max(counts + [2 * cfg.images]))
+        print(f"preparing {max(counts + [cfg.images])} photos and a {cfg.model_size} model on {device}")
+        prepare(cfg, folder, max(counts + [cfg.images]))
         captions = {}
         for engine, python in engines.items():
             print(f"timing the {engine} engine ...", flush=True)
-            once, _, _ = caption(cfg, python, folder, cfg.images, engine, cfg.max_new_tokens)
-            twice, peak, captions[engine] = caption(cfg, python, folder, 2 * cfg.images, engine, cfg.max_new_tokens)
-            results["engines"][engine] = {"images_per_second": cfg.images / (twice - once), "seconds": twice,
-                                          "peak_rss_mb": peak}
+            rate, seconds, peak, captions[engine] = caption(cfg, python, folder, cfg.images, engine,
+                                                            cfg.max_new_tokens)
+            results["engines"][engine] = {"images_per_second": rate, "seconds": seconds, "peak_rss_mb": peak}
         if len(captions) == 2:
             results["engines"]["same_captions"] = sum(
                 a == b for a, b in zip(captions["transformers"], captions["vllm"])) / len(captions["transformers"])
         for count in counts:
             print(f"captioning {count} photos for the peak memory ...", flush=True)
-            seconds, peak, _ = caption(cfg, sys.executable, folder, count, "transformers", max_new_tokens=1)
+            _, seconds, peak, _ = caption(cfg, sys.executable, folder, count, "transformers", max_new_tokens=1)
             results["memory"][count] = {"peak_rss_mb": peak, "seconds": seconds}
             write_json(cfg.output, results)
     write_json(cfg.output, results)
     print(f"on {device}, {cfg.model_size} model, {cfg.max_new_tokens} new tokens a photo:")
     for engine in engines:
-        print(f"  {engine:12} {results['engines'][engine]['images_per_second']:8.2f} images/s after start-up")
+        print(f"  {engine:12} {results['engines'][engine]['images_per_second']:8.2f} images/s once loaded")
     if "same_captions" in results["engines"]:
         print(f"  captions the same in both engines: {results['engines']['same_captions']:.0%}")
     for count, measured in results["memory"].items():
