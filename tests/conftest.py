@@ -36,7 +36,7 @@ PHOTO_SHAPES = {"red": (64, 48), "green": (48, 96), "blue": (160, 40), "yellow":
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("SLOW_TESTS") == "1":
         return
-    skip = pytest.mark.skip(reason="slow set-up (minutes): run with SLOW_TESTS=1 make test, as .ci/run does")
+    skip = pytest.mark.skip(reason="slow (a minute or more): run with SLOW_TESTS=1 make test, as .ci/run does")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

@@ -126,6 +126,7 @@ def test_two_processes_under_torchrun_share_the_images_and_merge_the_file_one_pr
     assert (trained / "two.jsonl").read_text().splitlines() == one_process[0]
 
 
+@pytest.mark.slow  # a minute; torchrun's two processes above cover the sharing
 def test_two_node_launchers_on_this_machine_merge_the_file_one_process_writes(trained, one_process):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

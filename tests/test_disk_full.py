@@ -4,6 +4,8 @@ leaves no half-written file, and the next run, once space is free, continues. Th
 import glob
 import os
 
+import pytest
+
 from conftest import make_imagefolder, read_csv, run
 
 
@@ -43,6 +45,7 @@ def test_data2csv_and_csv2json(tmp_path):
     assert not half_written(tmp_path)
 
 
+@pytest.mark.slow  # two minutes: every later step's writer filled in turn
 def test_train_infer_merge_and_compare(tmp_path, tiny_model):
     from safetensors.torch import load_file
 

@@ -278,7 +278,8 @@ def test_compare_refuses_training_images(trained_run):
     assert "evaluation images are also training images" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("family, name, side", [("qwen2_5_vl", "Qwen2.5-VL", 56), ("qwen3_vl", "Qwen3-VL", 64)])
+@pytest.mark.parametrize("family, name, side", [pytest.param("qwen2_5_vl", "Qwen2.5-VL", 56, marks=pytest.mark.slow),
+                                                ("qwen3_vl", "Qwen3-VL", 64)])
 def test_a_newer_family_runs_the_four_steps_learns_its_captions_and_merges(family, name, side, tmp_path):
     """The same steps as above for Qwen2.5-VL and Qwen3-VL: only --model changes."""
     model = BUILDERS[family](str(tmp_path / family))

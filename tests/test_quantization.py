@@ -161,6 +161,7 @@ def test_two_processes_under_torchrun_train_a_4bit_base_as_one_process_with_the_
     assert ddp_step == single_step == 4 and ddp_losses == pytest.approx(single_losses, abs=1e-4)
 
 
+@pytest.mark.slow  # a minute
 def test_dora_trains_on_a_4bit_base_with_checkpointing_and_merges_with_the_same_captions(tiny_model, work):
     training = check(run("train.py", f"--model={tiny_model}", "--quantization=4bit", "--use_dora=true",
                          "--gradient_checkpointing=true", "--output_dir=dora", *LEARNING, cwd=work))

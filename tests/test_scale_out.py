@@ -125,7 +125,8 @@ def resume_args(tiny_model, data_json, output_dir):
             "--per_device_train_batch_size=1", "--num_train_epochs=30", "--save_steps=10", *COMMON]
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("stop", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGKILL],
+                         ids=["SIGTERM", "SIGKILL"])
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one(
         stop, tmp_path, tiny_model, data_json, uninterrupted, monkeypatch):
     output_dir = tmp_path / "out"
@@ -213,7 +214,8 @@ def two_process_resume_args(tiny_model, data_json, output_dir):
             "--num_train_epochs=12", "--save_steps=3", *COMMON]
 
 
-@pytest.mark.parametrize("order", ["--group_by_length=true", "--group_by_length=false"])
+@pytest.mark.parametrize("order", [pytest.param("--group_by_length=true", marks=pytest.mark.slow),
+                                   "--group_by_length=false"])
 def test_two_processes_killed_mid_epoch_resume_to_the_losses_of_an_uninterrupted_run(
         tmp_path, tiny_model, data_json, order):
     uninterrupted = torchrun(*two_process_resume_args(tiny_model, data_json, tmp_path / "uninterrupted"), order,

@@ -152,6 +152,7 @@ def test_the_benchmark_builds_each_family_s_published_shape(size, parameters, mo
     assert sum(parameter.numel() for parameter in built[0].parameters()) == pytest.approx(parameters, rel=1e-3)
 
 
+@pytest.mark.slow  # a minute and a half
 def test_the_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
     import json
 
