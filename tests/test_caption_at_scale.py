@@ -3,6 +3,7 @@ the file an uninterrupted run writes, one run per output at a time, and the imag
 torchrun, on one node or two, merged into the file one process writes."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -68,7 +69,11 @@ def test_a_folder_is_captioned_recursively_in_a_fixed_order_and_a_broken_file_na
         [record] = [record for record in records if record["image_path"].endswith(f"/{number:03}-{COLORS[number]}.jpg")]
         assert record["caption"] == COLOR_CAPTIONS[COLORS[number]]
     assert "skipped 1 images:\n  collection/part1/broken.jpg: cannot read image" in result.stdout
-    assert "wrote 40 captions to one.jsonl: 40 new in" in result.stdout
+    summary = re.search(r"wrote 40 captions to one.jsonl: 40 new in ([\d.]+) s \(([\d.]+) s loading the model, "
+                        r"then ([\d.]+) images/s\), 1 skipped", result.stdout)
+    whole, loading, rate = map(float, summary.groups())
+    captioning = whole - loading  # each printed to 0.1 s, so within 0.1 s of the time the rate was taken over
+    assert 0 < loading < whole and 40 / (captioning + 0.1) - 0.01 <= rate <= 40 / max(captioning - 0.1, 0.01) + 0.01
     assert not (trained / "one.jsonl.parts").exists()  # merged, then removed
 
 
