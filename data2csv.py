@@ -17,11 +17,14 @@ import itertools
 import json
 import os
 import re
+import socket
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from typing import Callable, NamedTuple
 
 from PIL import Image
@@ -76,7 +79,8 @@ def modelscope_rows(cfg):
     try:
         from modelscope.msdatasets import MsDataset
 
-        dataset = MsDataset.load(cfg.modelscope_dataset, subset_name=cfg.modelscope_subset, split=cfg.split)
+        with in_an_empty_folder():
+            dataset = MsDataset.load(cfg.modelscope_dataset, subset_name=cfg.modelscope_subset, split=cfg.split)
         for index in range(len(dataset)):  # lazily: take() stops reading once it has enough
             item = dataset[index]
             yield Row(item["image_id"], item["caption"], lambda image=item["image"]: image)
@@ -85,9 +89,38 @@ def modelscope_rows(cfg):
     except Exception as error:
         raise PipelineError(
             f"loading {cfg.modelscope_dataset} (subset {cfg.modelscope_subset}, split {cfg.split}) from ModelScope "
-            f"failed: {type(error).__name__}: {error}. If your network is fine, this is the known upstream breakage "
-            f"of this dataset (modelscope issues 1252 and 1769); {SOURCE_HELP}"
+            f"failed: {type(error).__name__}: {error}. {why_modelscope_failed(error)}; {SOURCE_HELP}"
         ) from error
+
+
+@contextmanager
+def in_an_empty_folder():
+    """Work in an empty folder meanwhile: MsDataset.load takes a folder in the working directory named like the
+    dataset (image_dir, coco_2014_caption, is one) for a local copy, and then never asks the hub."""
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory() as empty:
+        os.chdir(empty)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+
+
+def why_modelscope_failed(error):
+    """The reason behind a failed ModelScope load, where the error tells it: the network, or the dataset's known
+    upstream breakage (its images missing, modelscope issue 1252; its loading script refused by datasets 4, 1769)."""
+    causes = [error]
+    while causes[-1].__cause__ or causes[-1].__context__:
+        causes.append(causes[-1].__cause__ or causes[-1].__context__)
+    if any(isinstance(cause, (ConnectionError, TimeoutError, socket.gaierror)) or
+           type(cause).__name__ in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "NewConnectionError",
+                                    "MaxRetryError") for cause in causes):  # builtins', requests' and urllib3's
+        return ("ModelScope could not be reached: check this machine's network (and HTTPS_PROXY, where a proxy is "
+                "needed) and run again")
+    if any(isinstance(cause, FileNotFoundError) and "2014" in str(cause) or
+           "Dataset scripts are no longer supported" in str(cause) for cause in causes):
+        return "This is the known upstream breakage of this dataset (modelscope issues 1252 and 1769)"
+    return "If your network is fine, the dataset may be broken upstream (modelscope issues 1252 and 1769)"
 
 
 def coco_rows(cfg):
@@ -202,9 +235,9 @@ def modelscope_else_coco_rows(cfg):
         return
     except PipelineError as error:
         cause = error.__cause__ or error
-        print(f"source=auto: the recipe's ModelScope dataset failed ({type(cause).__name__}: {cause}); using "
-              "the official COCO 2014 files instead. Choose a source with --source=modelscope, coco, "
-              "hf:<dataset id> or a folder")
+        print(f"source=auto: the recipe's ModelScope dataset failed ({type(cause).__name__}: {cause}). "
+              f"{why_modelscope_failed(cause)}; using the official COCO 2014 files instead. Choose a source with "
+              "--source=modelscope, coco, hf:<dataset id> or a folder")
         yield from coco_rows(cfg)
         return
     yield first

@@ -154,7 +154,7 @@ def recipe_loader(cfg, processor, count):
                                      cache_dir=os.path.join(cfg.work_dir, "hf_cache")).select(range(count))
     mapped = raw.map(lambda example: recipe_process_func(example, processor, cfg.image_size),
                      remove_columns=raw.column_names, cache_file_name=os.path.join(cfg.work_dir, "recipe_map.arrow"))
-    mapped.set_format("torch")
+    # no set_format("torch"): the recipe hands Trainer the mapped lists, which its collator turns into tensors
     return DataLoader(mapped, batch_size=BATCH, collate_fn=recipe_collator(processor), shuffle=True)
 
 
@@ -171,7 +171,7 @@ def recipe_collator(processor):
         batch = seq2seq(features)
         batch["mm_token_type_ids"] = torch.zeros_like(batch["input_ids"])
         for row, types in enumerate(token_types):
-            batch["mm_token_type_ids"][row, : len(types)] = types
+            batch["mm_token_type_ids"][row, : len(types)] = torch.as_tensor(types)
         return batch
 
     return collate

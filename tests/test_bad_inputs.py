@@ -80,7 +80,8 @@ def test_modelscope_failure_names_other_sources(tmp_path, monkeypatch):
 
     rows = [{"image_id": "9", "caption": "a cat", "image": Image.new("RGB", (20, 20))}] * 3
     monkeypatch.setattr(MsDataset, "load", lambda *args, **kwargs: FakeMsDataset(rows, broken_from=0))
-    with pytest.raises(PipelineError, match=r"ModelScope failed: FileNotFoundError.*--source=coco"):
+    with pytest.raises(PipelineError, match=r"ModelScope failed: FileNotFoundError.*This is the known upstream "
+                                            r"breakage.*--source=coco"):
         data2csv.main(["--source=modelscope", f"--image_dir={tmp_path}/images", f"--csv_path={tmp_path}/data.csv"])
     assert not (tmp_path / "data.csv").exists()
 

@@ -10,7 +10,7 @@ from PIL import Image
 import data2csv
 from captioning.errors import PipelineError
 from conftest import (REPO, COCO_CAPTIONS, COCO_IMAGES, FakeMsDataset, coco_args, jpeg_bytes, make_imagefolder, read_csv,
-                      serve_coco)
+                      run, serve_coco)
 
 
 def test_coco_source_fetches_only_needed_images_as_rgb_jpeg(tmp_path, file_server):
@@ -102,6 +102,7 @@ def test_auto_source_takes_the_coco_files_when_modelscope_fails_as_upstream(tmp_
 
     said = capsys.readouterr().out
     assert "source=auto: the recipe's ModelScope dataset failed (" in said
+    assert "This is the known upstream breakage of this dataset (modelscope issues 1252 and 1769)" in said
     assert "using the official COCO 2014 files instead. Choose a source with --source=modelscope, coco" in said
     assert [(row["image_id"], row["caption"]) for row in read_csv(tmp_path / "data.csv")] == [
         (str(image_id), caption) for image_id, caption in COCO_CAPTIONS[:5]]
@@ -120,8 +121,27 @@ def test_auto_source_keeps_a_working_modelscope_dataset(tmp_path, file_server, m
     assert file_server.requests["/annotations/annotations_trainval2014.zip"] == 0
 
 
+def test_the_real_modelscope_load_asks_the_hub_despite_the_image_folder(tmp_path, monkeypatch):
+    """MsDataset.load takes a folder named like the dataset in the working directory for a local copy; data2csv's
+    own image folder, coco_2014_caption/, is one on every run after the first. Here the hub is a closed port."""
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on: connections to it are refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", f"http://127.0.0.1:{port}")
+    (tmp_path / "coco_2014_caption").mkdir()
+    (tmp_path / "coco_2014_caption" / "9.jpg").write_bytes(COCO_IMAGES[1])  # an earlier run's image
+    result = run("data2csv.py", "--source=modelscope", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"127.0.0.1', port={port}" in result.stderr and "ModelScope could not be reached: check" in result.stderr
+    assert "EmptyDatasetError" not in result.stderr and "doesn't contain any data files" not in result.stderr
+    assert "known upstream breakage" not in result.stderr
+
+
 def test_hub_dataset_source_with_a_list_of_captions(tmp_path):
     import datasets
+    import torchvision  # noqa: F401  as after a Qwen-VL processor loads: datasets' formatters then look into it
 
     table = datasets.Dataset.from_dict({
         "picture": [Image.new("RGB", (30, 20), "red"), Image.new("L", (30, 20), 100)],

@@ -14,7 +14,7 @@ from captioning.chat import IGNORE_INDEX
 from captioning.errors import PipelineError
 from captioning.images import ImageGeometry
 from captioning.precision import Compute
-from bench.bench import recipe_collator, recipe_process_func
+from bench.bench import recipe_collator, recipe_loader, recipe_process_func
 
 SQUARE = ImageGeometry(56, 28, square=True)  # the recipe's resize, which the recipe path is compared with
 CAPTIONS = ["a red square on a table", "a green field under the sky", "a blue boat", "a yellow cat sleeping"]
@@ -95,6 +95,21 @@ def test_on_the_fly_preprocessing_gives_the_recipe_s_tensors(samples, tiny_proce
         assert torch.equal(recipe["input_ids"][:-1], ours["input_ids"][:-1])
         assert (recipe["labels"][-1].item(), ours["labels"][-1].item()) == (tiny_processor.tokenizer.pad_token_id,
                                                                             im_end)
+
+
+def test_the_recipe_s_datasets_path_runs_after_a_qwen_vl_processor_is_loaded(tiny_processor, tmp_path):
+    """The benchmark's recipe path: datasets.map and torch formatting, with torchvision imported by the processor's
+    video processor (datasets 4.1-4.8.3 then import torchvision.io.VideoReader, which torchvision 0.29 removed)."""
+    import sys
+
+    assert "torchvision" in sys.modules  # what sends datasets' formatters to torchvision
+    path = tmp_path / "0.jpg"
+    Image.new("RGB", (80, 60), "red").save(path)
+    entry = {"id": "0", "conversations": [{"from": "user", "value": f"COCO Yes: <|vision_start|>{path}<|vision_end|>"},
+                                         {"from": "assistant", "value": CAPTIONS[0]}]}
+    (tmp_path / "data_vl.json").write_text(json.dumps([entry]))
+    batch = next(iter(recipe_loader(SimpleNamespace(work_dir=str(tmp_path), image_size=56), tiny_processor, count=1)))
+    assert batch["pixel_values"].shape == (1, 4 * 4, 1176) and batch["labels"][0, -1] == tiny_processor.tokenizer.pad_token_id
 
 
 def test_the_collators_give_the_same_loss_on_the_same_batch(samples, tiny_model, tiny_processor):
