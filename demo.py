@@ -14,22 +14,20 @@ from captioning.errors import PipelineError
 from captioning.generation import BaseAndFineTuned
 from captioning.images import trained_geometry
 from captioning.pages import caption_cell, thumbnail_data_uri
-from captioning.precision import compute_choice
-from captioning.quantization import check_quantization
 from captioning.scripts import run_script
-from captioning.settings import parse_settings, require_positive
+from captioning.settings import parse_captioning_settings
 
 # ----------------------------------------------------------------------------- settings
-output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters
-checkpoint = ""  # adapter folder; empty: the newest trained adapter under output_dir
-model = ""  # base model for the adapter (empty: the one training used), or a folder written by merge.py
+output_dir = "output/Qwen2-VL-2B"  # the same in every script: --help
+checkpoint = ""  # the same in every script: --help
+model = ""  # the same in every script: --help
 host = "127.0.0.1"  # 0.0.0.0: reachable from other machines too
 port = 7860
 batch_size = 8
 max_new_tokens = 128
-quantization = "none"  # none | 4bit | 8bit: the base model's language model quantized (bitsandbytes), for GPUs the full model does not fit
-precision = "auto"  # auto: bf16 on GPUs of compute capability 8.0+, fp16 on older ones (T4, V100), fp32 on a CPU | bf16 | fp16 | fp32
-attention = "auto"  # auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | sdpa | eager
+quantization = "none"  # the same in every script: --help
+precision = "auto"  # the same in every script: --help
+attention = "auto"  # the same in every script: --help
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
@@ -85,10 +83,7 @@ def page(cfg, models):
 
 
 def main(argv=()):
-    cfg = parse_settings(globals(), argv)
-    require_positive(cfg, "batch_size", "max_new_tokens")
-    compute = compute_choice(cfg.precision, cfg.attention)
-    check_quantization(cfg.quantization)
+    cfg, compute = parse_captioning_settings(globals(), argv)
     if not 0 < cfg.port < 65536:
         raise PipelineError(f"--port={cfg.port}: use a port number from 1 to 65535")
     models = BaseAndFineTuned(cfg.model, cfg.checkpoint, cfg.output_dir, compute, cfg.quantization)

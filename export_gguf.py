@@ -16,13 +16,13 @@ import sys
 import tarfile
 import tempfile
 
-from captioning.adapters import RUN_CONFIG, read_run_config
+from captioning.checkpoints import RUN_CONFIG, read_run_config
 from captioning.disk_full import stop_if_disk_full
 from captioning.errors import PipelineError
 from captioning.files import folder_size, written_whole
 from captioning.images import trained_geometry
 from captioning.locks import hold
-from captioning.models import model_family
+from captioning.models import FAMILIES, model_family
 from captioning.scripts import run_script
 from captioning.settings import parse_settings
 
@@ -38,7 +38,6 @@ debug = False  # show the full traceback of a failure
 LLAMA_CPP_PYTHON = "0.3.36"  # its source package carries llama.cpp's tree (vendor/llama.cpp), converter included
 LLAMA_CPP_PYTHON_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 OUTTYPES = ("f16", "bf16", "q8_0", "f32")
-EXPORTED = ("Qwen2-VL", "Qwen2.5-VL")  # the families the tests convert and read back
 
 
 def llama_cpp_source(download_dir):
@@ -81,9 +80,10 @@ def conversion_view(merged_dir, image_size, folder):
         json.dump(config, file, indent=2)
 
 
-def convert(converter, source, outfile, outtype, mmproj=False):
+def convert(converter, source, outfile, outtype, family, mmproj=False):
     print(f"writing {os.path.basename(outfile)}")
-    command = [sys.executable, converter, source, "--outfile", outfile, "--outtype", outtype]
+    command = [sys.executable, converter, source, "--outfile", outfile, "--outtype", outtype,
+               *family.gguf_converter_args]
     result = subprocess.run(command + (["--mmproj"] if mmproj else []), capture_output=True, text=True)
     if result.returncode:
         raise PipelineError(f"llama.cpp's converter failed on {source}:\n{result.stderr[-3000:]}")
@@ -109,9 +109,10 @@ def main(argv=()):
                             "`python merge.py` first, or set --merged_dir")
     run_config = read_run_config(cfg.merged_dir)
     family = model_family(cfg.merged_dir)
-    if family.name not in EXPORTED:
+    if family.gguf_converter_args is None:
+        exported = [family.name for family in FAMILIES.values() if family.gguf_converter_args is not None]
         raise PipelineError(f"{cfg.merged_dir} holds a {family.name} model: the GGUF export is tested for "
-                            f"{' and '.join(EXPORTED)} only")
+                            f"{', '.join(exported)} only")
     gguf_dir = cfg.gguf_dir or os.path.normpath(cfg.merged_dir).removesuffix("-merged") + "-gguf"
     converter = os.path.join(cfg.llama_cpp or llama_cpp_source(cfg.download_dir), "convert_hf_to_gguf.py")
     if not os.path.isfile(converter):
@@ -127,8 +128,8 @@ def main(argv=()):
         with stop_if_disk_full(gguf_dir, "the GGUF files", lambda: folder_size(cfg.merged_dir) * len(requested),
                                setting="gguf_dir", then="it converts again"), written_whole(gguf_dir) as staging:
             for outtype in requested:
-                convert(converter, view, os.path.join(staging, f"model-{outtype}.gguf"), outtype)
-            convert(converter, view, os.path.join(staging, "mmproj-f16.gguf"), "f16", mmproj=True)
+                convert(converter, view, os.path.join(staging, f"model-{outtype}.gguf"), outtype, family)
+            convert(converter, view, os.path.join(staging, "mmproj-f16.gguf"), "f16", family, mmproj=True)
             with open(os.path.join(staging, "Modelfile"), "w", encoding="utf-8") as file:
                 file.write(modelfile(f"model-{requested[-1]}.gguf", run_config["prompt"]))
     print(f"wrote {gguf_dir}. Caption an image with llama.cpp:\n  llama-mtmd-cli -m {gguf_dir}/model-{requested[-1]}.gguf "

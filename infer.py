@@ -17,35 +17,33 @@ import time
 from contextlib import ExitStack
 from itertools import islice
 
-from captioning.adapters import trained_model
+from captioning.checkpoints import trained_model
 from captioning.data import report_skipped
 from captioning.errors import PipelineError
 from captioning.generation import generate_captions
-from captioning.image_inputs import image_paths
+from captioning.image_paths import image_paths
 from captioning.images import loaded_images, trained_geometry
 from captioning.locks import hold
-from captioning.model_files import pin_image_size
+from captioning.served_files import pin_image_size
 from captioning.models import load_model_and_processor, resolve_model
-from captioning.precision import compute_choice
 from captioning.predictions import SKIPPED, Predictions
 from captioning.processes import decided_by_the_main_process, join_processes, wait_for_all
-from captioning.quantization import check_quantization
 from captioning.scripts import run_script
-from captioning.settings import parse_settings, require_positive
+from captioning.settings import parse_captioning_settings
 from captioning.vllm_engine import VllmCaptions, check_engine
 
 # ----------------------------------------------------------------------------- settings
-model = ""  # base model; empty: the one training used (run_config.json); a folder from merge.py needs no adapter
-output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters
-checkpoint = ""  # adapter folder; empty: the newest trained adapter under output_dir
+model = ""  # the same in every script: --help
+output_dir = "output/Qwen2-VL-2B"  # the same in every script: --help
+checkpoint = ""  # the same in every script: --help
 images = ""  # comma-separated image files, folders (recursively), globs, text files of paths, data2csv's CSV or csv2json's JSON; empty: training's held-out images
 batch_size = 8
 engine = "transformers"  # transformers (generate) | vllm: vLLM's engine, faster on large collections (pip install vllm)
 max_new_tokens = 128
 output_path = ""  # one JSON record per image; empty: predictions.jsonl in the adapter's (or merged model's) folder
-quantization = "none"  # none | 4bit | 8bit: the base model's language model quantized (bitsandbytes), for GPUs the full model does not fit
-precision = "auto"  # auto: bf16 on GPUs of compute capability 8.0+, fp16 on older ones (T4, V100), fp32 on a CPU | bf16 | fp16 | fp32
-attention = "auto"  # auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | sdpa | eager
+quantization = "none"  # the same in every script: --help
+precision = "auto"  # the same in every script: --help
+attention = "auto"  # the same in every script: --help
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
@@ -116,10 +114,7 @@ def ignore(message):
 
 
 def main(argv=()):
-    cfg = parse_settings(globals(), argv)
-    require_positive(cfg, "batch_size", "max_new_tokens")
-    compute = compute_choice(cfg.precision, cfg.attention)
-    check_quantization(cfg.quantization)
+    cfg, compute = parse_captioning_settings(globals(), argv)
     checkpoint_dir, run_config, base = trained_model(cfg.model, cfg.checkpoint, cfg.output_dir)
     check_engine(cfg.engine, cfg.quantization, checkpoint_dir)
     spec = cfg.images or run_config["test_json"]

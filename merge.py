@@ -11,21 +11,21 @@ files and config fields that transformers 4 reads; every file is readable by all
 """
 import os
 
-from captioning.adapters import RUN_CONFIG, trained_adapter
+from captioning.checkpoints import RUN_CONFIG, trained_adapter
 from captioning.disk_full import stop_if_disk_full
 from captioning.errors import PipelineError
 from captioning.files import readable_by_all, write_json, written_whole
 from captioning.images import trained_geometry
 from captioning.locks import hold
-from captioning.model_files import add_config_fields_for_transformers_4, save_processor
+from captioning.served_files import add_config_fields_for_transformers_4, save_processor
 from captioning.models import load_model_and_processor, resolve_model
 from captioning.scripts import run_script
 from captioning.settings import parse_settings
 
 # ----------------------------------------------------------------------------- settings
-output_dir = "output/Qwen2-VL-2B"  # where train.py saved its adapters
-checkpoint = ""  # adapter folder; empty: the newest trained adapter under output_dir
-model = ""  # base model; empty: the one training used (run_config.json)
+output_dir = "output/Qwen2-VL-2B"  # the same in every script: --help
+checkpoint = ""  # the same in every script: --help
+model = ""  # the same in every script: --help
 merged_dir = ""  # empty: output_dir + "-merged"; an existing folder is replaced
 dtype = "auto"  # auto (the base model's own: bfloat16 for the Qwen-VL instruct models) | bfloat16 | float16 | float32
 debug = False  # show the full traceback of a failure

@@ -13,32 +13,32 @@ import os
 from collections import Counter
 from contextlib import nullcontext
 
-from PIL import Image
-from tqdm import tqdm
-
-from captioning.adapters import RUN_CONFIG
-from captioning.chat import END_OF_TURN, IGNORE_INDEX, build_messages
+from captioning.checkpoints import RUN_CONFIG, resume_point, save_final_adapter, train_until_done
 from captioning.data import read_conversations, report_skipped
+from captioning.deepspeed_configs import resolve_deepspeed
 from captioning.errors import PipelineError
 from captioning.files import write_json
 from captioning.generation import caption_files
-from captioning.images import ASPECT_RATIOS, ImageGeometry, load_image, upright_size
+from captioning.images import ASPECT_RATIOS, ImageGeometry
 from captioning.locks import hold
-from captioning.model_files import pin_image_size
 from captioning.models import checked_image_size, load_model_and_processor, model_family, resolve_model
 from captioning.precision import compute_choice
+from captioning.processes import (check_shared_output_dir, decided_by_the_main_process, prepare_launch, print_once,
+                                  this_process)
 from captioning.quantization import check_quantization
 from captioning.scripts import run_script
+from captioning.served_files import pin_image_size
 from captioning.settings import parse_dataclass_settings, parse_settings, require_positive
 from captioning.tracking import start_swanlab, swanlab_run_mode
+from captioning.training_samples import CaptionCollator, CaptionDataset
 
-# torch, transformers and the modules built on them (captioning.speed, captioning.training_run) are imported where
+# torch, transformers and the modules built on them (captioning.step_plan, captioning.trainer) are imported where
 # they are used, so that --help answers at once
 
 # ----------------------------------------------------------------------------- settings
 model = "Qwen/Qwen2-VL-2B-Instruct"  # a Qwen2-VL, Qwen2.5-VL or Qwen3-VL: hub id (ModelScope, into ./Qwen/...) or folder
 json_path = "data_vl.json"  # written by csv2json.py
-output_dir = "output/Qwen2-VL-2B"
+output_dir = "output/Qwen2-VL-2B"  # the same in every script: --help
 test_size = 4  # distinct images held out for testing, taken from the end of the data
 num_train_epochs = 2.0
 max_steps = -1  # > 0 overrides num_train_epochs
@@ -50,15 +50,15 @@ lora_r = 64
 lora_alpha = 16
 lora_dropout = 0.05
 use_dora = False  # DoRA (peft's weight-decomposed LoRA) instead of plain LoRA: merges alike, each step costs more
-quantization = "none"  # none | 4bit: QLoRA, the language model's weights in 4 bits (nf4), for GPUs of 8-12 GB | 8bit; needs bitsandbytes
+quantization = "none"  # the same in every script: --help
 image_size = 0  # images are resized to at most this squared in pixels, in training and inference; 0: 280 (Qwen2/2.5-VL), 288 (Qwen3-VL)
 aspect_ratio = "keep"  # keep: each photo keeps its shape, as serving engines resize it | square: squashed to image_size x image_size, as the recipe
 max_length = 8192  # samples with more tokens are skipped, never cut through their image tokens
 logging_steps = 10
 save_steps = 100
 max_new_tokens = 128  # for the held-out captions generated after training
-precision = "auto"  # auto: bf16 on GPUs of compute capability 8.0+ (A100, RTX 30xx and newer), fp16 on older ones (T4, V100), fp32 on a CPU | bf16 | fp16 | fp32
-attention = "auto"  # auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | flash_attention_2 | sdpa | eager
+precision = "auto"  # the same in every script: --help
+attention = "auto"  # the same in every script: --help
 gradient_checkpointing = "auto"  # auto: only when memory needs it (it costs ~1/3 more compute) | true | false
 cache_image_features = "auto"  # auto: when training shows an image more than once (epochs, several captions) | true | false
 group_by_length = True  # batch samples of similar length together, so less compute goes to padding
@@ -72,11 +72,6 @@ seed = 42
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# LoRA on the language model's projections only: Qwen2.5-VL's vision blocks have gate/up/down_proj too
-LORA_TARGET_MODULES = rf".*\.language_model\..*\.({'|'.join(PROJECTIONS)})"
-# per image: joined across a batch, never padded
-IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_features", "image_deepstack_features")
 PASSED_TO_TRAINING_ARGUMENTS = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps",
                                 "num_train_epochs", "max_steps", "learning_rate", "logging_steps", "save_steps",
                                 "dataloader_num_workers", "seed")  # as they are
@@ -98,120 +93,6 @@ def split_by_image(samples, test_size):
     return train, test
 
 
-def answer_token_ids(processor, prompt, caption):
-    """The tokens the model must produce: the caption as the chat template renders it, up to END_OF_TURN."""
-    messages = build_messages(None, prompt, caption)
-    prompt_text = processor.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
-    full_text = processor.apply_chat_template(messages, tokenize=False)
-    if not full_text.startswith(prompt_text) or END_OF_TURN not in full_text[len(prompt_text):]:
-        raise PipelineError("the processor's chat template does not render a Qwen-VL assistant turn")
-    answer = full_text[len(prompt_text):]
-    answer = answer[: answer.index(END_OF_TURN) + len(END_OF_TURN)]
-    return processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
-
-
-def prompt_inputs(processor, image, prompt):
-    """The processor's tensors for the user turn and the opening of the assistant's answer."""
-    prompt_text = processor.apply_chat_template(build_messages(image, prompt), add_generation_prompt=True, tokenize=False)
-    return processor(text=[prompt_text], images=[image], return_tensors="pt")
-
-
-def encode_sample(processor, image, prompt, answer_ids):
-    """Token ids, labels and image tensors for one sample: only the answer (caption and END_OF_TURN) is supervised."""
-    return with_answer(prompt_inputs(processor, image, prompt), answer_ids)
-
-
-def with_answer(inputs, answer_ids):
-    """The prompt's tensors with the answer appended to each per-token row; labels supervise only the answer."""
-    import torch
-
-    answer = torch.tensor(answer_ids)
-    # per-token rows get the answer appended: its ids, mask 1, and 0 in extras such as mm_token_type_ids (text)
-    answer_rows = {"input_ids": answer, "attention_mask": torch.ones_like(answer)}
-    sample = {
-        key: value if key in IMAGE_KEYS else torch.cat([value[0], answer_rows.get(key, torch.zeros_like(answer))])
-        for key, value in inputs.items()
-    }
-    sample["labels"] = torch.cat([torch.full_like(inputs["input_ids"][0], IGNORE_INDEX), answer])
-    return sample
-
-
-class CaptionDataset:
-    """Samples encoded on the fly, after dropping those whose image is missing, unreadable or of a shape no processor
-    takes, and those that are too long. Each image's size comes from its header alone (geometry), so its tokens are
-    counted without decoding it. Images are preprocessed in every step that uses them, unless image_features holds
-    their vision features (encode_images)."""
-
-    def __init__(self, samples, processor, geometry, max_length, show_progress=True):
-        self.processor, self.geometry = processor, geometry
-        self.image_sizes = {}  # image path -> the size it is resized to
-        self.prompt_tensors = {}  # (prompt, image size) -> the prompt's tensors, the same for every image of that size
-        self.samples, self.answers, self.lengths, self.skipped = [], [], [], []
-        for sample in tqdm(samples, desc="building the training set", unit="sample", disable=not show_progress):
-            path, prompt = sample["image_path"], sample["prompt"]
-            try:
-                if path not in self.image_sizes:
-                    self.image_sizes[path] = geometry.size_of(*upright_size(path), path)
-            except PipelineError as error:
-                self.skipped.append(str(error))
-                continue
-            key = (prompt, self.image_sizes[path])
-            if key not in self.prompt_tensors:
-                self.prompt_tensors[key] = prompt_inputs(processor, Image.new("RGB", key[1]), prompt)
-            answer = answer_token_ids(processor, prompt, sample["caption"])
-            length = self.prompt_tensors[key]["input_ids"].shape[1] + len(answer)
-            if length > max_length:
-                self.skipped.append(f"{length} tokens > max_length={max_length}: {path}")
-                continue
-            self.samples.append(sample)
-            self.answers.append(answer)
-            self.lengths.append(length)
-        self.image_sizes = {path: self.image_sizes[path] for path in self.image_paths()}  # of the samples kept
-        self.image_features = None  # image path -> the vision tower's output (encode_images), once cached
-
-    def image_paths(self):
-        return list(dict.fromkeys(sample["image_path"] for sample in self.samples))
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        sample = self.samples[index]
-        if self.image_features is None:
-            image = load_image(sample["image_path"], self.geometry)
-            return encode_sample(self.processor, image, sample["prompt"], self.answers[index])
-        prompt_tensors = self.prompt_tensors[(sample["prompt"], self.image_sizes[sample["image_path"]])]
-        inputs = {key: value for key, value in prompt_tensors.items() if key != "pixel_values"}
-        return with_answer({**inputs, **self.image_features[sample["image_path"]]}, self.answers[index])
-
-
-class CaptionCollator:
-    """Pads token sequences on the right and joins the images: pixel_values (or cached image_features) are
-    concatenated rows and image_grid_thw is stacked, so images of different sizes each keep their own row count.
-    Hands cached image features to the model and asks for logits only where the loss needs them (captioning/speed.py)."""
-
-    def __init__(self, pad_token_id):
-        self.pad_values = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}
-
-    def __call__(self, samples):
-        import torch
-
-        from captioning.speed import keep_caption_logits_only, pass_cached_image_features
-
-        batch = {}
-        longest = max(len(sample["input_ids"]) for sample in samples)
-        for key in samples[0]:
-            values = [sample[key] for sample in samples]
-            if key in IMAGE_KEYS:
-                batch[key] = torch.cat(values)
-            else:
-                padded = torch.full((len(values), longest), self.pad_values.get(key, 0), dtype=values[0].dtype)
-                for row, value in enumerate(values):
-                    padded[row, : len(value)] = value
-                batch[key] = padded
-        return keep_caption_logits_only(pass_cached_image_features(batch))
-
-
 # ----------------------------------------------------------------------------- settings checked before anything loads
 
 def training_arguments(from_file, from_argv, block):
@@ -230,8 +111,7 @@ def check_settings(cfg):
     """Refuse what train.py cannot use before the model or data load; returns the DeepSpeed config file, if any, and
     the Compute (precision and attention) to train with. Sets image_size to the model family's default when it is 0,
     so that run_config.json records the size used."""
-    from captioning.speed import check_speed_settings
-    from captioning.training_run import resolve_deepspeed
+    from captioning.step_plan import check_step_settings
 
     cfg.image_size = checked_image_size(cfg.image_size, model_family(cfg.model))
     require_positive(cfg, "per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "max_new_tokens")
@@ -240,7 +120,7 @@ def check_settings(cfg):
     if cfg.aspect_ratio not in ASPECT_RATIOS:
         raise PipelineError(f"--aspect_ratio={cfg.aspect_ratio}: use {' or '.join(ASPECT_RATIOS)}")
     deepspeed_config = resolve_deepspeed(cfg.deepspeed)
-    check_speed_settings(cfg, deepspeed_config)
+    check_step_settings(cfg, deepspeed_config)
     check_quantization(cfg.quantization, deepspeed_config)
     return deepspeed_config, compute_choice(cfg.precision, cfg.attention)
 
@@ -273,7 +153,8 @@ def lora_model_and_processor(cfg, model_folder, compute, geometry):
 
     base_model, processor = load_model_and_processor(model_folder, compute, quantization=cfg.quantization)
     pin_image_size(processor, geometry)
-    lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=LORA_TARGET_MODULES, r=cfg.lora_r,
+    target_modules = model_family(model_folder).lora_target_modules
+    lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=target_modules, r=cfg.lora_r,
                              lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, use_dora=cfg.use_dora)
     lora_model = get_peft_model(base_model, lora_config)
     lora_model.print_trainable_parameters()
@@ -306,8 +187,6 @@ def train(trainer, resume_from, plan):
     """Train, then save trainer_state.json and train_results.json at the top of output_dir, as the Hugging Face
     example scripts do."""
     import torch
-
-    from captioning.training_run import train_until_done
 
     try:
         result = train_until_done(trainer, resume_from)
@@ -349,12 +228,11 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
     from swanlab.integration.transformers import SwanLabCallback
     from transformers import set_seed
 
-    from captioning.speed import CaptionTrainer, LengthGroupedSampler, SamplerEpochs, plan_speed
-    from captioning.processes import decided_by_the_main_process
-    from captioning.training_run import ReadableCheckpoints, check_shared_output_dir, resume_point, save_final_adapter
+    from captioning.step_plan import plan_training
+    from captioning.trainer import CaptionTrainer, LengthGroupedSampler, ReadableCheckpoints, SamplerEpochs
 
     mode = swanlab_run_mode(cfg.swanlab_mode) if is_main_process else "disabled"
-    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    alone = this_process().count == 1
     if alone:  # decided before the model loads, so that a finished run is refused at once
         resume_from, earlier_run = resume_point(cfg, is_main_process)
 
@@ -362,11 +240,12 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
 
     set_seed(cfg.seed)
     model_folder = resolve_model(cfg.model)
-    geometry = ImageGeometry(cfg.image_size, model_family(model_folder).side_multiple, cfg.aspect_ratio == "square")
-    if geometry.square and is_main_process:
-        print(f"warning: aspect_ratio=square: every image is squashed to {cfg.image_size}x{cfg.image_size} as the "
-              "recipe does, but transformers, vLLM and llama.cpp keep a photo's aspect ratio when they resize it, so "
-              "served captions of photos that are not square can differ from infer.py's")
+    family = model_family(model_folder)
+    geometry = ImageGeometry(cfg.image_size, family.side_multiple, cfg.aspect_ratio == "square")
+    if geometry.square:
+        print_once(f"warning: aspect_ratio=square: every image is squashed to {cfg.image_size}x{cfg.image_size} as the "
+                   "recipe does, but transformers, vLLM and llama.cpp keep a photo's aspect ratio when they resize it, so "
+                   "served captions of photos that are not square can differ from infer.py's")
     lora_model, processor = lora_model_and_processor(cfg, model_folder, compute, geometry)
 
     dataset = CaptionDataset(train_samples, processor, geometry, cfg.max_length, show_progress=is_main_process)
@@ -375,7 +254,7 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
     if not len(dataset):
         raise PipelineError(f"no training sample is left in {cfg.json_path} after skipping the ones listed above")
 
-    collator = CaptionCollator(processor.tokenizer.pad_token_id)
+    collator = CaptionCollator(processor.tokenizer.pad_token_id, family)
     # created after the model loads, so that ZeRO-3 partitions it when DeepSpeed starts, as it always did
     args = trainer_arguments(cfg, deepspeed_config, compute)  # joins the processes, if several
     check_shared_output_dir(cfg.output_dir, args)
@@ -383,7 +262,7 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
         resume_from, earlier_run = decided_by_the_main_process(lambda: resume_point(cfg, is_main_process),
                                                                 args.process_index, args.world_size)
     lora_model.to(args.device)
-    args, plan = plan_speed(cfg, lora_model, processor, dataset, collator, args, deepspeed_config, compute)
+    args, plan = plan_training(cfg, lora_model, processor, dataset, collator, args, deepspeed_config, compute)
     step_samples = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * args.world_size
     sampler = LengthGroupedSampler(dataset.lengths, step_samples, cfg.seed) if cfg.group_by_length else None
     trainer = CaptionTrainer(model=lora_model, args=args, train_dataset=dataset, data_collator=collator,
@@ -391,7 +270,7 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
                              train_sampler=sampler, callbacks=[SwanLabCallback(), SamplerEpochs(), ReadableCheckpoints()])
 
     model_path = os.path.abspath(cfg.model) if os.path.isdir(cfg.model) else cfg.model  # usable from any folder
-    run_config = {**vars(cfg), "model": model_path, "family": model_family(model_folder).name, **data,
+    run_config = {**vars(cfg), "model": model_path, "family": family.name, **data,
                   "swanlab_mode_used": mode, "world_size": args.world_size, **plan}
     run = start_swanlab(mode, cfg.swanlab_project, swanlab_project, cfg.swanlab_run_name or
                         os.path.basename(os.path.normpath(cfg.output_dir)), run_config, earlier_run.get("swanlab_run_id"))
@@ -401,16 +280,13 @@ def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
 
     train(trainer, resume_from, plan)
     save_final_adapter(trainer, processor, cfg.output_dir, geometry, model_folder)
-    if is_main_process:
-        print(f"saved the adapter, processor and {RUN_CONFIG} to {cfg.output_dir}")
+    print_once(f"saved the adapter, processor and {RUN_CONFIG} to {cfg.output_dir}")
     caption_held_out(cfg, lora_model, processor, geometry, test_samples, data["prompt"], is_main_process)
 
 
 def main(argv=()):
-    is_main_process = int(os.environ.get("RANK", "0")) == 0  # only it writes files, logs and prints captions
+    is_main_process = this_process().is_main  # only it writes files, logs and prints captions
     cfg = parse_settings(globals(), argv, more_settings=training_arguments)
-    from captioning.training_run import prepare_launch
-
     prepare_launch()  # before any CUDA query: it may set CUDA_VISIBLE_DEVICES
     deepspeed_config, compute = check_settings(cfg)
     with hold(cfg.output_dir) if is_main_process else nullcontext():  # one run per output_dir at a time

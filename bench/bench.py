@@ -26,7 +26,7 @@ import time
 from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
+sys.path[:0] = [REPO]
 
 from captioning.errors import PipelineError  # noqa: E402
 from captioning.files import write_json  # noqa: E402
@@ -98,7 +98,7 @@ def prepare(cfg, folder):
     import numpy
     from PIL import Image
 
-    from tiny_qwen2vl import BUILDERS
+    from testkit.tiny_models import BUILDERS
 
     rng = numpy.random.default_rng(0)
     entries = []
@@ -179,19 +179,23 @@ def recipe_collator(processor):
 
 # ----------------------------------------------------------------------------- this project's path
 
+def family(cfg):
+    return FAMILIES[SIZES[cfg.model_size]["family"]]
+
+
 def geometry(cfg):
     """The images' geometry in train.py: the bench's images are squares, which it keeps as they are."""
     from captioning.images import ImageGeometry
 
-    return ImageGeometry(cfg.image_size, FAMILIES[SIZES[cfg.model_size]["family"]].side_multiple)
+    return ImageGeometry(cfg.image_size, family(cfg).side_multiple)
 
 
 def project_dataset(cfg, processor, count):
-    import train
     from captioning.data import read_conversations
+    from captioning.training_samples import CaptionDataset
 
     samples = read_conversations(os.path.join(cfg.work_dir, "data_vl.json"))[:count]
-    return train.CaptionDataset(samples, processor, geometry(cfg), max_length=8192)
+    return CaptionDataset(samples, processor, geometry(cfg), max_length=8192)
 
 
 def project_loader(dataset, collator, batch_size, sampler=None, workers=2):
@@ -221,11 +225,11 @@ def measure_data(cfg, path_name):
     if path_name == "recipe":
         loader = recipe_loader(cfg, processor, cfg.images)
     else:
-        import train
+        from captioning.training_samples import CaptionCollator
 
         dataset = project_dataset(cfg, processor, cfg.images)
         # no worker processes here, so that the peak RSS of this process holds all the preparation's memory
-        loader = project_loader(dataset, train.CaptionCollator(processor.tokenizer.pad_token_id), BATCH, workers=0)
+        loader = project_loader(dataset, CaptionCollator(processor.tokenizer.pad_token_id, family(cfg)), BATCH, workers=0)
     batch = next(iter(loader))
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "added_rss_mb": peak_rss_mb() - baseline,
@@ -252,29 +256,30 @@ def measure_training(cfg, path_name):
     from peft import LoraConfig, get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
 
-    from captioning import speed
-    import train
+    from captioning import feature_cache, step_plan
+    from captioning.trainer import LengthGroupedSampler
+    from captioning.training_samples import CaptionCollator
 
     model, processor, compute = model_and_device(cfg)
     device = compute.device
-    model = get_peft_model(model, LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=64, lora_alpha=16,
+    model = get_peft_model(model, LoraConfig(target_modules=family(cfg).lora_target_modules, r=64, lora_alpha=16,
                                              lora_dropout=0.05))
     encode_seconds = 0.0
     if path_name == "recipe":  # gradient checkpointing always on, 4 x 4 accumulation, the preprocessed dataset
-        speed.set_gradient_checkpointing(model, True)
+        step_plan.set_gradient_checkpointing(model, True)
         micro_batch, sampler = BATCH, None
         loader = recipe_loader(cfg, processor, cfg.images)
     else:  # what train.py does: image features once, micro-batches and checkpointing by a memory probe, grouping
         dataset = project_dataset(cfg, processor, cfg.images)
         start = time.perf_counter()
-        dataset.image_features = speed.encode_images(model, processor, dataset, BATCH * ACCUMULATION,
+        dataset.image_features = feature_cache.encode_images(model, processor, dataset, BATCH * ACCUMULATION,
                                                      tempfile.gettempdir())
         encode_seconds = time.perf_counter() - start
-        collator = train.CaptionCollator(processor.tokenizer.pad_token_id)
+        collator = CaptionCollator(processor.tokenizer.pad_token_id, family(cfg))
         plan = SimpleNamespace(per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
                                micro_batch_size="auto", gradient_checkpointing="auto")
-        micro_batch, _, _ = speed.plan_steps(plan, model, dataset, collator, 1, compute)
-        sampler = speed.LengthGroupedSampler(dataset.lengths, BATCH * ACCUMULATION, seed=0)
+        micro_batch, _, _ = step_plan.plan_steps(plan, model, dataset, collator, 1, compute)
+        sampler = LengthGroupedSampler(dataset.lengths, BATCH * ACCUMULATION, seed=0)
         loader = project_loader(dataset, collator, micro_batch, sampler)
     if device == "cuda":  # after the encoding and the probe, whose tries are not training's memory
         torch.cuda.reset_peak_memory_stats()
@@ -370,7 +375,7 @@ def measure_training_set(cfg, _):
     is the small model's (its tokenizer is the tests' small one), built here first."""
     from transformers import AutoProcessor
 
-    from tiny_qwen2vl import BUILDERS
+    from testkit.tiny_models import BUILDERS
 
     cfg.model_size = "small"
     size = SIZES[cfg.model_size]

@@ -23,7 +23,7 @@ import time
 from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "bench")]
+sys.path[:0] = [REPO, os.path.join(REPO, "bench")]
 
 from captioning.errors import PipelineError  # noqa: E402
 from captioning.files import write_json  # noqa: E402

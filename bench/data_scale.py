@@ -16,7 +16,7 @@ import time
 import numpy
 from PIL import Image
 
-from file_server import FileServer
+from testkit.file_server import FileServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS_PER_IMAGE = 5  # as in COCO 2014 train: 414,113 captions of 82,783 images

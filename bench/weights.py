@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests"), os.path.join(REPO, "bench")]
+sys.path[:0] = [REPO, os.path.join(REPO, "bench")]
 
 from captioning.errors import PipelineError  # noqa: E402
 from captioning.files import write_json  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv=()):
     import torch
 
     from bench import SIZES
-    from tiny_qwen2vl import BUILDERS
+    from testkit.tiny_models import BUILDERS
 
     results = {}
     for name in cfg.models.split(","):

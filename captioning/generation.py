@@ -3,10 +3,10 @@ side."""
 
 from contextlib import suppress
 
-from captioning.adapters import trained_model
+from captioning.checkpoints import trained_model
 from captioning.chat import END_OF_TURN, build_messages
 from captioning.images import loaded_images, trained_geometry
-from captioning.model_files import pin_image_size
+from captioning.served_files import pin_image_size
 from captioning.models import load_model_and_processor
 
 

@@ -3,7 +3,7 @@ computes for it (aspect ratio kept), as every serving engine resizes it, or to t
 from typing import NamedTuple
 
 from captioning.errors import PipelineError
-from captioning.models import FAMILIES
+from captioning.models import FAMILIES, family_named
 
 ASPECT_RATIOS = ("keep", "square")  # train.py's aspect_ratio setting
 EXIF_ORIENTATION = 274  # the EXIF tag that says how a photo is rotated
@@ -47,8 +47,7 @@ class ImageGeometry(NamedTuple):
 def trained_geometry(run_config):
     """The ImageGeometry a training run used, from its run_config.json; runs recorded before aspect_ratio existed
     squashed every image to a square, and runs recorded before family existed trained Qwen2-VL."""
-    family_name = run_config.get("family", FAMILIES["qwen2_vl"].name)
-    family = next(family for family in FAMILIES.values() if family.name == family_name)
+    family = family_named(run_config.get("family", FAMILIES["qwen2_vl"].name))
     return ImageGeometry(run_config["image_size"], family.side_multiple,
                          run_config.get("aspect_ratio", "square") == "square")
 

@@ -1,5 +1,6 @@
-"""The Qwen-VL families this project fine-tunes, their image sizes, and loading a model with its processor."""
+"""The Qwen-VL families this project fine-tunes, one record each, and loading a model with its processor."""
 
+import importlib
 import json
 import os
 from typing import NamedTuple
@@ -26,18 +27,59 @@ def resolve_model(model):
         ) from error
 
 
+RECIPE_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the recipe's LoRA layers
+
+
 class Family(NamedTuple):
-    name: str
-    side_multiple: int  # image sides in multiples of the patch size times the 2x2 merge
-    image_size: int  # the default side
+    """One Qwen-VL family: all that the scripts need to know of it. A new family is one more record in FAMILIES (and
+    a tiny test model)."""
+    name: str  # as users know it
+    patch_size: int  # the side of a vision patch in pixels; 2x2 patches merge into one image token
+    image_size: int  # image_size's default: the recipe's 280, or the nearest multiple of the family's merged patch
+    lora_layers: tuple = RECIPE_PROJECTIONS  # the language model's linear layers that take LoRA
+    vision_tower: str = "model.visual"  # its module: never quantized, never adapted, its output cacheable
+    # the output class that carries precomputed vision features into the model's forward (mm_encoder_outputs)
+    cached_features: str = "transformers.modeling_outputs.BaseModelOutputWithPooling"
+    gguf_converter_args: tuple | None = ()  # extra arguments of llama.cpp's converter; None: not exported (untested)
+
+    @property
+    def side_multiple(self):
+        """Image sides are multiples of it: a patch merged 2x2."""
+        return self.patch_size * 2
+
+    @property
+    def lora_target_modules(self):
+        """peft's target_modules: the LoRA layers of the language model only (Qwen2.5-VL's vision blocks have
+        gate/up/down_proj too)."""
+        return rf".*\.language_model\..*\.({'|'.join(self.lora_layers)})"
+
+    def cached_features_output(self, pooled, deepstack=None):
+        """The model's own output object for precomputed vision features: pooled, and Qwen3-VL's deepstack features
+        (image tokens x layers x width), which it adds into its first language layers."""
+        module, _, name = self.cached_features.rpartition(".")
+        output_class = getattr(importlib.import_module(module), name)
+        extra = {} if deepstack is None else {"deepstack_features": [(layer,) for layer in deepstack.unbind(1)]}
+        return output_class(pooler_output=(pooled,), **extra)
 
 
 # the Qwen-VL families this project fine-tunes, by the model_type in their config.json
 FAMILIES = {
-    "qwen2_vl": Family("Qwen2-VL", 28, 280),
-    "qwen2_5_vl": Family("Qwen2.5-VL", 28, 280),
-    "qwen3_vl": Family("Qwen3-VL", 32, 288),
+    "qwen2_vl": Family("Qwen2-VL", patch_size=14, image_size=280),
+    "qwen2_5_vl": Family("Qwen2.5-VL", patch_size=14, image_size=280),
+    "qwen3_vl": Family("Qwen3-VL", patch_size=16, image_size=288, gguf_converter_args=None,
+                       cached_features="transformers.models.qwen3_vl.modeling_qwen3_vl."
+                                       "BaseModelOutputWithDeepstackFeatures"),
 }
+
+
+def family_named(name):
+    """The Family of a name recorded in run_config.json."""
+    return next(family for family in FAMILIES.values() if family.name == name)
+
+
+def family_of(model):
+    """The Family of a loaded model (a peft model too)."""
+    return FAMILIES[model.config.model_type]
 
 
 def model_family(model):
@@ -76,10 +118,10 @@ def load_model_and_processor(model, compute=None, on_device=False, dtype=None, q
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = resolve_model(model)
-    model_family(path)
+    family = model_family(path)
     compute = compute or compute_choice()
     processor = AutoProcessor.from_pretrained(path)
     base_model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype or compute.dtype, use_safetensors=True, attn_implementation=compute.attention,
-        **quantized_loading(quantization, compute))
+        **quantized_loading(quantization, compute, family))
     return base_model.to(compute.device) if on_device and quantization == "none" else base_model, processor

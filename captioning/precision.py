@@ -1,9 +1,9 @@
 """Precision and attention chosen by what the GPU can do (compute capability), behind one seam tests can fake."""
 
-import os
 from typing import NamedTuple
 
 from captioning.errors import PipelineError
+from captioning.processes import this_process
 
 PRECISIONS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # setting: torch's dtype name
 ATTENTIONS = ("flash_attention_2", "sdpa", "eager")
@@ -35,7 +35,7 @@ def gpu_capability():
 
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_capability(int(os.environ.get("LOCAL_RANK", "0")))  # under torchrun: its own GPU
+    return torch.cuda.get_device_capability(this_process().local_rank)  # under torchrun: its own GPU
 
 
 def flash_attention_2_installed():

@@ -2,15 +2,15 @@
 tower and the output head left in the model's precision; the bytes its weights take."""
 
 import importlib
-import os
 
 from captioning.disk_full import size_text
 from captioning.errors import PipelineError
+from captioning.processes import this_process
 
 QUANTIZATIONS = ("none", "4bit", "8bit")  # the quantization setting of train.py, infer.py, compare.py and demo.py
-# kept in the model's precision: the frozen vision tower (its features can then be cached, and are not blurred) and
-# the output head (tied to the embeddings in the 2B model, which bitsandbytes cannot quantize)
-NOT_QUANTIZED = ["model.visual", "lm_head"]
+# kept in the model's precision beside the frozen vision tower (its features can then be cached, and are not
+# blurred): the output head (tied to the embeddings in the 2B model, which bitsandbytes cannot quantize)
+NOT_QUANTIZED = ["lm_head"]
 BITSANDBYTES = "bitsandbytes>=0.45"  # the first release whose 4-bit layers train on GPUs of every generation
 
 
@@ -36,7 +36,7 @@ def check_quantization(quantization, deepspeed_config=None):
                             "or use --quantization=none") from error
 
 
-def quantized_loading(quantization, compute):
+def quantized_loading(quantization, compute, family):
     """from_pretrained's arguments that load the base model quantized, straight onto this process's device: nf4
     with double quantization, computing in compute's precision; or LLM.int8. {} for quantization none."""
     if quantization == "none":
@@ -45,10 +45,10 @@ def quantized_loading(quantization, compute):
 
     if quantization == "4bit":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=compute.dtype, llm_int8_skip_modules=NOT_QUANTIZED)
+                                    bnb_4bit_compute_dtype=compute.dtype, llm_int8_skip_modules=[family.vision_tower, *NOT_QUANTIZED])
     else:
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if compute.device == "cuda" else "cpu"  # under torchrun: its own GPU
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[family.vision_tower, *NOT_QUANTIZED])
+    device = f"cuda:{this_process().local_rank}" if compute.device == "cuda" else "cpu"  # under torchrun: its own GPU
     return {"quantization_config": config, "device_map": {"": device}}
 
 

@@ -17,6 +17,23 @@ RECORDED_BY_TRAINING = {"family", "prompt", "train_json", "test_json", "swanlab_
                         "precision_used", "attention_used"}
 
 
+# settings that several scripts take, with one meaning: their help is this text in every script that has them, whatever
+# the comment on the script's line (train.py's model, the model to fine-tune, is its own)
+SHARED_HELP = {
+    "output_dir": "train.py's folder: its checkpoints, the final adapter and run_config.json",
+    "checkpoint": "adapter folder; empty: the newest trained adapter under output_dir",
+    "model": "the base model for the adapter; empty: the one training used (run_config.json). infer.py and demo.py "
+             "also take a folder written by merge.py, which needs no adapter",
+    "quantization": "none | 4bit: the language model's weights in 4 bits (nf4; QLoRA in training), for GPUs of 8-12 "
+                    "GB | 8bit; needs bitsandbytes",
+    "precision": "auto: bf16 on GPUs of compute capability 8.0+ (A100, RTX 30xx and newer), fp16 on older ones (T4, "
+                 "V100), fp32 on a CPU | bf16 | fp16 | fp32",
+    "attention": "auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | "
+                 "flash_attention_2 | sdpa | eager",
+}
+OWN_MEANING = {"train.py": {"model"}}  # shared names that mean something else in that script
+
+
 class SettingsHelp(argparse.RawDescriptionHelpFormatter):
     """The script's docstring as written; each setting's help wrapped without cutting a URL or path in two."""
 
@@ -88,8 +105,11 @@ def settings_parser(script_globals, block, more_settings):
     parser.add_argument("--config", metavar="FILE", default="",
                         help="a YAML or JSON file of settings; the command line wins over it. train.py's "
                              "run_config.json is one: it repeats that run")
+    shared = {name: text for name, text in SHARED_HELP.items()
+              if name not in OWN_MEANING.get(os.path.basename(path), ())}
     for name, default in block.items():
-        meaning = f"{comments[name]} " if name in comments else ""
+        meaning = shared.get(name) or comments.get(name)
+        meaning = f"{meaning} " if meaning else ""
         parser.add_argument(f"--{name}", type=setting_type(name, default), default=default,
                             help=f"{meaning}(default: {default!r})", metavar=type(default).__name__,
                             **({"nargs": "?", "const": True} if type(default) is bool else {}))
@@ -159,6 +179,19 @@ def config_file_arguments(path, block):
             value = json.dumps(value)
         arguments.append(f"--{name}={value}")
     return arguments
+
+
+def parse_captioning_settings(script_globals, argv):
+    """The settings of a script that captions (infer.py, compare.py, demo.py), checked before anything loads, and the
+    Compute (device, precision, attention) to caption with."""
+    from captioning.precision import compute_choice
+    from captioning.quantization import check_quantization
+
+    cfg = parse_settings(script_globals, argv)
+    require_positive(cfg, "batch_size", "max_new_tokens")
+    compute = compute_choice(cfg.precision, cfg.attention)
+    check_quantization(cfg.quantization)
+    return cfg, compute
 
 
 def require_positive(cfg, *names):

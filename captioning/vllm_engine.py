@@ -5,7 +5,7 @@ import importlib
 import json
 import os
 
-from captioning.adapters import ADAPTER_CONFIG
+from captioning.checkpoints import ADAPTER_CONFIG
 from captioning.errors import PipelineError
 from captioning.precision import PRECISIONS
 

@@ -13,8 +13,8 @@ import zipfile
 import pytest
 from PIL import Image, ImageColor
 
-from file_server import FileServer
-from tiny_qwen2vl import BUILDERS, build_tiny_qwen2vl
+from testkit.file_server import FileServer
+from testkit.tiny_models import BUILDERS, build_tiny_qwen2vl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

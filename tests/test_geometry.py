@@ -5,11 +5,11 @@ import json
 import pytest
 from PIL import Image
 
-import train
 from captioning.errors import PipelineError
 from captioning.images import ImageGeometry, load_image, trained_geometry, upright_size
-from captioning.model_files import pin_image_size, save_processor
+from captioning.served_files import pin_image_size, save_processor
 from captioning.models import model_family
+from captioning.training_samples import CaptionDataset
 from conftest import PHOTO_SHAPES, make_imagefolder, run
 
 SHAPES = [(640, 480), (480, 640), (1000, 100), (100, 1000), (300, 300), (1, 1), (306, 306), (1920, 1080)]
@@ -36,7 +36,7 @@ def test_every_shape_gets_the_same_grid_in_training_infer_and_transformers(famil
     samples = [{"image_path": path, "prompt": "COCO Yes:", "caption": "a photo"} for path in paths]
 
     pin_image_size(family_processor, geometry)
-    dataset = train.CaptionDataset(samples, family_processor, geometry, max_length=8192, show_progress=False)
+    dataset = CaptionDataset(samples, family_processor, geometry, max_length=8192, show_progress=False)
     in_training = [dataset[index]["image_grid_thw"].tolist()[0] for index in range(len(dataset))]
     in_infer = grids(family_processor, [load_image(path, geometry) for path in paths])
     save_processor(family_processor, tmp_path / "served", geometry, family_model)
@@ -58,7 +58,7 @@ def test_a_shape_no_processor_takes_is_named_and_skipped_everywhere(tiny_process
     path = photo(tmp_path, REFUSED)
     kept = photo(tmp_path, (640, 480))
     samples = [{"image_path": p, "prompt": "COCO Yes:", "caption": "a photo"} for p in (path, kept)]
-    dataset = train.CaptionDataset(samples, tiny_processor, geometry, max_length=8192, show_progress=False)
+    dataset = CaptionDataset(samples, tiny_processor, geometry, max_length=8192, show_progress=False)
     assert [sample["image_path"] for sample in dataset.samples] == [kept]
     assert dataset.skipped == [f"{path} is 5000x20, a shape the Qwen-VL processor refuses in transformers and "
                                "vLLM alike (absolute aspect ratio must be smaller than 200, got 250.0): crop it"]

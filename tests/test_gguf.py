@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, check, make_imagefolder, run
-from tiny_qwen2vl import BUILDERS
+from testkit.tiny_models import BUILDERS
 
 PROJECTORS = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
 

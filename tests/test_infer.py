@@ -6,9 +6,9 @@ import os
 import pytest
 from PIL import Image
 
-from captioning.image_inputs import image_paths
+from captioning.image_paths import image_paths
 from captioning.predictions import Predictions
-from captioning.adapters import newest_checkpoint, read_run_config
+from captioning.checkpoints import newest_checkpoint, read_run_config
 from captioning.errors import PipelineError
 from captioning.generation import generate_captions
 

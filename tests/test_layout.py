@@ -24,7 +24,7 @@ def imported_modules(path):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             yield node.module
-            if node.module == "captioning":  # from captioning import speed
+            if node.module == "captioning":  # from captioning import step_plan
                 yield from (f"captioning.{alias.name}" for alias in node.names)
 
 
@@ -49,7 +49,7 @@ def test_the_package_imports_no_script():
 
 def test_the_package_has_no_import_cycle():
     graph = package_imports()
-    assert "captioning.speed" in graph and "captioning.errors" in graph
+    assert "captioning.step_plan" in graph and "captioning.errors" in graph
     unknown = set().union(*graph.values()) - set(graph)
     assert not unknown, f"imports of modules that do not exist: {unknown}"
     done, path = set(), []
@@ -66,6 +66,26 @@ def test_the_package_has_no_import_cycle():
 
     for module in sorted(graph):
         visit(module)
+
+
+def test_the_package_docstring_lists_every_module_in_one_line():
+    import captioning
+
+    listed = [line.split()[0] for line in captioning.__doc__.splitlines()[1:] if line.strip()]
+    modules = sorted(os.path.basename(path)[:-3] for path in glob.glob(os.path.join(PACKAGE, "*.py")))
+    assert sorted(listed) == [module for module in modules if module != "__init__"]
+
+
+def test_the_benchmarks_do_not_import_the_tests():
+    """What both need (tiny models, a file server) lives in testkit/, which imports neither."""
+    for path in glob.glob(os.path.join(REPO, "bench", "*.py")) + glob.glob(os.path.join(REPO, "testkit", "*.py")):
+        with open(path, encoding="utf-8") as file:
+            source = file.read()
+        test_modules = {os.path.basename(test)[:-3] for test in glob.glob(os.path.join(REPO, "tests", "*.py"))}
+        assert not set(imported_modules(path)) & (test_modules | {"tests", "conftest"}), path
+        assert '"tests"' not in source, f"{path} puts tests/ on its path"
+    for path in glob.glob(os.path.join(REPO, "testkit", "*.py")):
+        assert not {module.split(".")[0] for module in imported_modules(path)} & {"bench", "tests"}, path
 
 
 def test_each_package_file_says_its_job_in_its_docstring():

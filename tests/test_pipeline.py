@@ -15,7 +15,7 @@ import train
 from captioning.settings import parse_settings
 from conftest import (REPO, COLOR_CAPTIONS, PHOTO_SHAPES, TRAINED, check, chromium, make_imagefolder, run,
                       transformers_release)
-from tiny_qwen2vl import BUILDERS
+from testkit.tiny_models import BUILDERS
 
 
 

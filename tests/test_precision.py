@@ -7,6 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from captioning import generation, precision
 from captioning.errors import PipelineError
+from captioning.models import FAMILIES
 
 
 @pytest.mark.parametrize("capability, flash_attn, expected", [
@@ -78,10 +79,9 @@ def test_captioning_with_an_adapter_computes_in_the_base_model_s_precision(tmp_p
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    import train
-
     adapter = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_model),
-                             LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=8, init_lora_weights=False))
+                             LoraConfig(target_modules=FAMILIES["qwen2_vl"].lora_target_modules, r=8,
+                                                    init_lora_weights=False))
     adapter.save_pretrained(tmp_path / "adapter")
     base = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.bfloat16)  # as on a bf16 GPU
     model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()  # as infer.py, compare.py and demo.py load it

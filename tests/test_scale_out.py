@@ -15,8 +15,8 @@ import torch
 import csv2json
 import data2csv
 import train
-from captioning import training_run
-from captioning.adapters import checkpoint_folders
+from captioning import deepspeed_configs
+from captioning.checkpoints import checkpoint_folders
 from captioning.errors import PipelineError
 from conftest import REPO, make_imagefolder, run, start_and_wait_for
 
@@ -183,13 +183,13 @@ def test_deepspeed_configs_ship_and_are_selected_by_one_setting():
         assert config["zero_optimization"]["stage"] == stage
         assert config["train_micro_batch_size_per_gpu"] == "auto"  # filled in from train.py's settings
     with pytest.raises(PipelineError, match="--deepspeed=zero4: use zero2, zero3 or the path of a DeepSpeed JSON"):
-        training_run.resolve_deepspeed("zero4")
-    assert training_run.resolve_deepspeed("") is None
+        deepspeed_configs.resolve_deepspeed("zero4")
+    assert deepspeed_configs.resolve_deepspeed("") is None
     if importlib.util.find_spec("deepspeed") is None:
         with pytest.raises(PipelineError, match="--deepspeed=zero2 needs DeepSpeed, which is not installed"):
-            training_run.resolve_deepspeed("zero2")
+            deepspeed_configs.resolve_deepspeed("zero2")
     else:
-        assert training_run.resolve_deepspeed("zero3") == os.path.join(REPO, "deepspeed", "zero3.json")
+        assert deepspeed_configs.resolve_deepspeed("zero3") == os.path.join(REPO, "deepspeed", "zero3.json")
 
 
 def test_a_launcher_that_asked_for_two_cpu_processes_but_started_one_is_reported(tmp_path):

@@ -97,21 +97,46 @@ def block_names(script):
             if name.islower() and not name.startswith("_") and type(value) in (bool, int, float, str)]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_help_lists_every_setting_with_its_default_and_meaning(script, capsys):
+def help_entries(script, capsys):
+    """{--name: its entry in the script's --help, whitespace joined}."""
     module = importlib.import_module(script[:-3].replace("/", "."))
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     assert exit_info.value.code == 0
     shown = " ".join(capsys.readouterr().out.split())
-    entries = {entry.split()[0]: entry for entry in re.split(r" (?=--\w+ \[?\w+\]? )", shown)}
+    assert "--config FILE" in shown
+    return {entry.split()[0]: entry for entry in re.split(r" (?=--\w+ \[?\w+\]? )", shown)}
+
+
+def shared_here(script):
+    return set(settings.SHARED_HELP) - settings.OWN_MEANING.get(os.path.basename(script), set())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_setting_with_its_default_and_meaning(script, capsys):
+    module = importlib.import_module(script[:-3].replace("/", "."))
+    entries = help_entries(script, capsys)
     comments = settings.settings_comments(module.__file__)
     for name in block_names(script):
         entry = entries[f"--{name}"]
         assert f"(default: {getattr(module, name)!r})" in entry, entry
-        if name in comments:
-            assert " ".join(comments[name].split()) in entry, name
-    assert "--config FILE" in shown
+        meaning = settings.SHARED_HELP[name] if name in shared_here(script) else comments.get(name)
+        if meaning:
+            assert " ".join(meaning.split()) in entry, name
+
+
+def test_a_shared_setting_has_one_help_text_in_every_script(capsys):
+    """model, checkpoint, output_dir, quantization, precision and attention mean one thing wherever they appear, so
+    their help cannot drift apart between scripts."""
+    seen = {}
+    for script in SCRIPTS:
+        entries = help_entries(script, capsys)
+        for name in shared_here(script) & set(block_names(script)):
+            seen.setdefault(name, {})[script] = entries[f"--{name}"]
+    assert set(seen) == set(settings.SHARED_HELP)
+    for name, by_script in seen.items():
+        assert len(by_script) >= 2 and len(set(by_script.values())) == 1, (name, by_script)
+    assert set(seen["precision"]) == {"train.py", "infer.py", "compare.py", "demo.py"}
 
 
 def test_help_answers_from_the_command_line(tmp_path):
@@ -154,7 +179,7 @@ def loaders_that_must_not_run(monkeypatch):
     def loader_called(*args, **kwargs):
         raise AssertionError("the model loader was called")
 
-    for module_name in ("captioning.models", "captioning.data", "captioning.adapters", "captioning.generation", "train",
+    for module_name in ("captioning.models", "captioning.data", "captioning.checkpoints", "captioning.generation", "train",
                         "infer", "compare", "merge"):
         module = importlib.import_module(module_name)
         for name in ("load_model_and_processor", "resolve_model", "read_conversations", "trained_adapter"):

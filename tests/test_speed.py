@@ -8,21 +8,24 @@ import pytest
 import torch
 from PIL import Image
 
-from captioning import speed
-import train
+from bench.bench import recipe_collator, recipe_loader, recipe_process_func
+from captioning import feature_cache, step_plan, training_samples
 from captioning.chat import IGNORE_INDEX
 from captioning.errors import PipelineError
-from captioning.images import ImageGeometry
+from captioning.images import ImageGeometry, load_image
+from captioning.models import FAMILIES, model_family
 from captioning.precision import Compute
-from bench.bench import recipe_collator, recipe_loader, recipe_process_func
+from captioning.trainer import LengthGroupedSampler
+from captioning.training_samples import CaptionCollator, CaptionDataset
 
+QWEN2_VL = FAMILIES["qwen2_vl"]
 SQUARE = ImageGeometry(56, 28, square=True)  # the recipe's resize, which the recipe path is compared with
 CAPTIONS = ["a red square on a table", "a green field under the sky", "a blue boat", "a yellow cat sleeping"]
 CPU_FP32 = Compute("cpu", "fp32", "sdpa")
 
 
 class FakeGpuMemory:
-    """speed.GpuMemory's readings for a GPU of total bytes, whose peak in a try is what peak_of() says of it."""
+    """step_plan.GpuMemory's readings for a GPU of total bytes, whose peak in a try is what peak_of() says of it."""
 
     def __init__(self, total, peak_of=lambda: 0):
         self.total_bytes, self.peak_of = total, peak_of
@@ -47,8 +50,8 @@ def samples(tmp_path_factory, tiny_processor):
         example = {"conversations": [{"from": "user", "value": f"COCO Yes: <|vision_start|>{path}<|vision_end|>"},
                                      {"from": "assistant", "value": caption}]}
         recipe = recipe_process_func(example, tiny_processor, image_size=56)
-        ours = train.encode_sample(tiny_processor, train.load_image(str(path), SQUARE), "COCO Yes:",
-                                   train.answer_token_ids(tiny_processor, "COCO Yes:", caption))
+        ours = training_samples.encode_sample(tiny_processor, load_image(str(path), SQUARE), "COCO Yes:",
+                                   training_samples.answer_token_ids(tiny_processor, "COCO Yes:", caption))
         encoded.append((recipe, ours))
     return encoded
 
@@ -61,7 +64,7 @@ def dataset(tiny_processor, tmp_path_factory):
         path = folder / f"{number % 4}.png"  # four shapes: 56x56, 28x84, 56x56 and 112x28 as the processor sizes them
         Image.new("RGB", CACHE_SHAPES[number % 4], (60 * (number % 4), 255 - 50 * (number % 4), 90)).save(path)
         entries.append({"image_path": str(path), "prompt": "COCO Yes:", "caption": caption})  # each image twice
-    return train.CaptionDataset(entries, tiny_processor, ImageGeometry(56, 28), max_length=8192)
+    return CaptionDataset(entries, tiny_processor, ImageGeometry(56, 28), max_length=8192)
 
 
 CACHE_SHAPES = [(70, 50), (40, 90), (56, 56), (120, 30)]
@@ -73,9 +76,9 @@ def lora_model(tiny_model, checkpointing=False):
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForImageTextToText.from_pretrained(tiny_model),
-                           LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=8, lora_dropout=0,
+                           LoraConfig(target_modules=model_family(tiny_model).lora_target_modules, r=8, lora_dropout=0,
                                       init_lora_weights=False))
-    speed.set_gradient_checkpointing(model, checkpointing)
+    step_plan.set_gradient_checkpointing(model, checkpointing)
     return model
 
 
@@ -120,14 +123,14 @@ def test_the_collators_give_the_same_loss_on_the_same_batch(samples, tiny_model,
     theirs = [{key: value[0] if key in ("image_grid_thw",) else value for key, value in sample.items()}
               for sample in ours]  # the recipe's per-sample layout: image_grid_thw squeezed
     with torch.no_grad():
-        fast = model(**train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)(ours)).loss
+        fast = model(**CaptionCollator(tiny_processor.tokenizer.pad_token_id, QWEN2_VL)(ours)).loss
         recipe = model(**recipe_collator(tiny_processor)(theirs)).loss
     assert fast.item() == pytest.approx(recipe.item(), abs=1e-6)
 
 
 def test_logits_only_for_supervised_tokens_give_the_same_loss_and_gradients(samples, tiny_model, tiny_processor):
     model = lora_model(tiny_model)
-    batch = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)([sample for _, sample in samples])
+    batch = CaptionCollator(tiny_processor.tokenizer.pad_token_id, QWEN2_VL)([sample for _, sample in samples])
     answer_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
     assert batch["logits_to_keep"].sum() == len(batch["shift_labels"]) == answer_tokens
     assert model(**batch).logits.shape[0] == answer_tokens  # not batch x sequence x vocabulary
@@ -138,7 +141,7 @@ def test_logits_only_for_supervised_tokens_give_the_same_loss_and_gradients(samp
 
 
 def test_gradient_checkpointing_changes_neither_loss_nor_gradients(samples, tiny_model, tiny_processor):
-    batch = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)([sample for _, sample in samples])
+    batch = CaptionCollator(tiny_processor.tokenizer.pad_token_id, QWEN2_VL)([sample for _, sample in samples])
     results = []
     for checkpointing in (True, False):
         model = lora_model(tiny_model, checkpointing)
@@ -155,14 +158,14 @@ def test_gradient_checkpointing_changes_neither_loss_nor_gradients(samples, tiny
 def test_the_benchmark_builds_each_family_s_published_shape(size, parameters, monkeypatch, tmp_path):
     """On the meta device, so nothing is allocated: the parameter counts the model cards give (2.21B, 3.75B, 2.13B)."""
     import bench.bench as bench
-    import tiny_qwen2vl
+    from testkit import tiny_models
 
     built = []
-    monkeypatch.setattr(tiny_qwen2vl, "save_tiny", lambda model, *args: built.append(model))
-    monkeypatch.setattr(tiny_qwen2vl, "lay_out_as_on_the_hub", lambda *args: None)
+    monkeypatch.setattr(tiny_models, "save_tiny", lambda model, *args: built.append(model))
+    monkeypatch.setattr(tiny_models, "lay_out_as_on_the_hub", lambda *args: None)
     shape = bench.SIZES[size]
     with torch.device("meta"):
-        tiny_qwen2vl.BUILDERS[shape["family"]](str(tmp_path), text=shape["text"], vision=shape["vision"],
+        tiny_models.BUILDERS[shape["family"]](str(tmp_path), text=shape["text"], vision=shape["vision"],
                                                vocab_size=shape["vocab_size"], dtype=torch.bfloat16)
     assert sum(parameter.numel() for parameter in built[0].parameters()) == pytest.approx(parameters, rel=1e-3)
 
@@ -209,10 +212,10 @@ def test_the_benchmark_s_data_part_runs_at_a_reduced_size(tmp_path):
 
 def test_cached_image_features_give_the_same_loss_and_gradients(dataset, tiny_model, tiny_processor, tmp_path):
     model = lora_model(tiny_model)
-    collate = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)
+    collate = CaptionCollator(tiny_processor.tokenizer.pad_token_id, QWEN2_VL)
     dataset.image_features = None
     loss_computed, grads_computed = loss_and_gradients(model, collate([dataset[i] for i in range(len(dataset))]))
-    dataset.image_features = speed.encode_images(model, tiny_processor, dataset, batch_size=3,
+    dataset.image_features = feature_cache.encode_images(model, tiny_processor, dataset, batch_size=3,
                                                  folder=str(tmp_path))
     cached = collate([dataset[i] for i in range(len(dataset))])
     assert "pixel_values" not in cached and len(dataset.image_features) == 4  # each image encoded once
@@ -231,9 +234,9 @@ def test_every_family_s_fast_path_gives_the_recipe_path_s_loss_and_gradients(fam
         path = tmp_path / f"{number % 4}.png"
         Image.new("RGB", (70, 50), (60 * (number % 4), 255 - 50 * (number % 4), 90)).save(path)
         entries.append({"image_path": str(path), "prompt": "COCO Yes:", "caption": caption})
-    family_dataset = train.CaptionDataset(entries, family_processor, ImageGeometry(family_side, family_side // 2),
+    family_dataset = CaptionDataset(entries, family_processor, ImageGeometry(family_side, family_side // 2),
                                           max_length=8192)
-    collate = train.CaptionCollator(family_processor.tokenizer.pad_token_id)
+    collate = CaptionCollator(family_processor.tokenizer.pad_token_id, model_family(family_model))
 
     plain_model = lora_model(family_model).train()
     plain = collate([family_dataset[i] for i in range(len(family_dataset))])
@@ -241,7 +244,7 @@ def test_every_family_s_fast_path_gives_the_recipe_path_s_loss_and_gradients(fam
     loss_plain, grads_plain = loss_and_gradients(plain_model, plain)
 
     fast_model = lora_model(family_model, checkpointing=True).train()
-    family_dataset.image_features = speed.encode_images(fast_model, family_processor, family_dataset, batch_size=3,
+    family_dataset.image_features = feature_cache.encode_images(fast_model, family_processor, family_dataset, batch_size=3,
                                                         folder=str(tmp_path))
     fast = collate([family_dataset[i] for i in range(len(family_dataset))])
     assert "pixel_values" not in fast and fast["logits_to_keep"].sum() < fast["labels"].numel()
@@ -254,22 +257,22 @@ def test_feature_cache_is_used_only_where_it_is_exact_and_pays(dataset, tiny_mod
     model = lora_model(tiny_model)
     cfg = SimpleNamespace(cache_image_features="auto", per_device_train_batch_size=2, gradient_accumulation_steps=1,
                           max_steps=-1, num_train_epochs=1, image_size=56)
-    assert speed.use_feature_cache(cfg, dataset, model, None, 1)  # 8 samples show 4 images twice each
+    assert feature_cache.use_feature_cache(cfg, dataset, model, None, 1)  # 8 samples show 4 images twice each
     cfg.max_steps = 2  # 2 steps of 2 samples: each image at most once
-    assert not speed.use_feature_cache(cfg, dataset, model, None, 1)
+    assert not feature_cache.use_feature_cache(cfg, dataset, model, None, 1)
     cfg.cache_image_features = "true"
-    assert speed.use_feature_cache(cfg, dataset, model, None, 1)
+    assert feature_cache.use_feature_cache(cfg, dataset, model, None, 1)
     cfg.cache_image_features = "false"
-    assert not speed.use_feature_cache(cfg, dataset, model, None, 1)
+    assert not feature_cache.use_feature_cache(cfg, dataset, model, None, 1)
 
     model.get_base_model().model.visual.merger.mlp[0].weight.requires_grad_(True)  # a vision tower that trains
     for choice, expected in (("auto", False), ("true", "the adapter trains part of the vision tower")):
         cfg.cache_image_features = choice
         if expected:
             with pytest.raises(PipelineError, match=expected):
-                speed.use_feature_cache(cfg, dataset, model, None, 1)
+                feature_cache.use_feature_cache(cfg, dataset, model, None, 1)
         else:
-            assert not speed.use_feature_cache(cfg, dataset, model, None, 1)
+            assert not feature_cache.use_feature_cache(cfg, dataset, model, None, 1)
 
 
 def test_step_plan_prefers_large_micro_batches_then_checkpointing():
@@ -282,7 +285,7 @@ def test_step_plan_prefers_large_micro_batches_then_checkpointing():
 
         cfg = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=4,
                               micro_batch_size=micro_batch_size, gradient_checkpointing=gradient_checkpointing)
-        return speed.step_plan(cfg, recording_fits), tried
+        return step_plan.step_plan(cfg, recording_fits), tried
 
     assert plan(lambda size, checkpointing: True) == ((16, False), [(16, False)])
     # activations of a sample take 3 units without checkpointing and 1 with it; the GPU holds 12
@@ -299,7 +302,7 @@ def test_step_plan_prefers_large_micro_batches_then_checkpointing():
                           gradient_checkpointing="auto", cache_image_features="auto")
     with pytest.raises(PipelineError, match=r"--micro_batch_size=5: use auto or a number that divides the 16 samples "
                                             r"of a step \(16, 8, 4, 2, 1\)"):
-        speed.check_speed_settings(cfg, None)
+        step_plan.check_step_settings(cfg, None)
 
 
 def test_the_memory_probe_tries_the_longest_samples_and_leaves_the_model_as_it_was(dataset, tiny_model, tiny_processor):
@@ -316,11 +319,11 @@ def test_the_memory_probe_tries_the_longest_samples_and_leaves_the_model_as_it_w
         return forward(**batch)
 
     model.forward = forward_on_a_small_gpu
-    fits = speed.memory_probe(model, dataset, train.CaptionCollator(tiny_processor.tokenizer.pad_token_id), 1,
+    fits = step_plan.memory_probe(model, dataset, CaptionCollator(tiny_processor.tokenizer.pad_token_id, QWEN2_VL), 1,
                               CPU_FP32, memory=FakeGpuMemory(total=2**40))
     cfg = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, micro_batch_size="auto",
                           gradient_checkpointing="auto")
-    assert speed.step_plan(cfg, fits) == (8, True)  # 8 and 4 without checkpointing do not fit; 8 with it does
+    assert step_plan.step_plan(cfg, fits) == (8, True)  # 8 and 4 without checkpointing do not fit; 8 with it does
     longest = max(len(dataset[index]["input_ids"]) for index in range(len(dataset)))
     assert [shape[0] for shape in tried] == [8, 4, 8] and tried[1][1] == longest  # the longest samples first
     assert all(p.grad is None for p in model.parameters())
@@ -330,7 +333,7 @@ def test_the_memory_probe_tries_the_longest_samples_and_leaves_the_model_as_it_w
 def test_length_grouped_steps_keep_every_sample_once_waste_less_and_repeat_their_order():
     generator = torch.Generator().manual_seed(0)
     lengths = (120 + torch.randint(8, 30, (496,), generator=generator)).tolist()  # a prompt and a COCO caption
-    sampler = speed.LengthGroupedSampler(lengths, step_samples=16, seed=3)
+    sampler = LengthGroupedSampler(lengths, step_samples=16, seed=3)
     first = list(sampler)
     assert sorted(first) == list(range(496))
     assert list(sampler) == first  # the same epoch, the same order: a resumed run sees what it would have seen
@@ -380,7 +383,7 @@ def test_checkpointing_leaves_the_frozen_vision_tower_alone(samples, tiny_model,
     through the frozen tower: 1.52x the plain step's FLOPs, where recomputing the language model costs about 1.33x."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batch = train.CaptionCollator(tiny_processor.tokenizer.pad_token_id)([sample for _, sample in samples])
+    batch = CaptionCollator(tiny_processor.tokenizer.pad_token_id, QWEN2_VL)([sample for _, sample in samples])
     steps = {}
     for checkpointing in (False, True):
         model = lora_model(tiny_model, checkpointing).train()
@@ -413,18 +416,18 @@ def test_the_memory_probe_leaves_room_for_the_optimizer_and_a_margin(dataset, ti
     # in fp32). 8 samples peak at 18 of the GPU's 20 units: they run, but with the optimizer's 2 they leave none of
     # the 10% margin; 4 samples need 14 + 2
     gpu = FakeGpuMemory(total=20 * trainable, peak_of=lambda: (10 + tried[-1]) * trainable)
-    fits = speed.memory_probe(model, dataset, train.CaptionCollator(tiny_processor.tokenizer.pad_token_id), 1,
+    fits = step_plan.memory_probe(model, dataset, CaptionCollator(tiny_processor.tokenizer.pad_token_id, QWEN2_VL), 1,
                               CPU_FP32, memory=gpu)
     cfg = SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=2, micro_batch_size="auto",
                           gradient_checkpointing="auto")
-    assert speed.step_plan(cfg, fits) == (4, False)
+    assert step_plan.step_plan(cfg, fits) == (4, False)
     assert fits.needed == {(8, False): 20 * trainable, (4, False): 16 * trainable}
 
 
 def test_cached_features_are_one_memory_mapped_file_that_goes_with_the_run(dataset, tiny_model, tiny_processor,
                                                                            tmp_path):
     model = lora_model(tiny_model)
-    features = speed.encode_images(model, tiny_processor, dataset, batch_size=3,
+    features = feature_cache.encode_images(model, tiny_processor, dataset, batch_size=3,
                                    folder=str(tmp_path))
     storages = {feature["image_features"].untyped_storage() for feature in features.values()}
     assert len({storage.data_ptr() for storage in storages}) == 1  # every image's rows in one mapping
@@ -437,12 +440,12 @@ def test_the_feature_cache_is_sized_against_memory_and_disk(dataset, tiny_model,
     cfg = SimpleNamespace(cache_image_features="auto", per_device_train_batch_size=2, gradient_accumulation_steps=1,
                           max_steps=-1, num_train_epochs=1, image_size=56)
     size = (4 + 3 + 4 + 4) * 64 * 4  # the four images' tokens x width 64 in fp32
-    monkeypatch.setattr(speed.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(feature_cache.tempfile, "gettempdir", lambda: str(tmp_path))
 
     def readings(memory, disk):
-        monkeypatch.setattr(speed.psutil, "virtual_memory", lambda: SimpleNamespace(available=memory))
-        monkeypatch.setattr(speed.shutil, "disk_usage", lambda folder: SimpleNamespace(free=disk))
-        return speed.use_feature_cache(cfg, dataset, model, None, 1)
+        monkeypatch.setattr(feature_cache.psutil, "virtual_memory", lambda: SimpleNamespace(available=memory))
+        monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda folder: SimpleNamespace(free=disk))
+        return feature_cache.use_feature_cache(cfg, dataset, model, None, 1)
 
     assert readings(3 * size, 10 * size) == (size, str(tmp_path), True)  # one copy per node, held in memory
     assert readings(size, 10 * size) == (size, str(tmp_path), False)  # read back from the local disk

