@@ -21,7 +21,8 @@ def sample(image_path, caption, prompt="COCO Yes:"):
 
 
 def encode(processor, image, caption, prompt="COCO Yes:"):
-    return training_samples.encode_sample(processor, image, prompt, training_samples.answer_token_ids(processor, prompt, caption))
+    answer = training_samples.answer_token_ids(processor, prompt, caption)
+    return training_samples.encode_sample(processor, image, prompt, answer)
 
 
 def test_split_holds_out_the_last_distinct_images_with_all_their_captions():
@@ -90,7 +91,8 @@ def test_a_batch_of_two_image_sizes_gives_each_sample_its_own_loss(family_model,
 def test_samples_too_long_or_without_image_are_skipped_and_reported(tmp_path, tiny_processor):
     image = str(tmp_path / "a.jpg")
     Image.new("RGB", (56, 56)).save(image)
-    prompt_length = training_samples.prompt_inputs(tiny_processor, Image.new("RGB", (56, 56)), "COCO Yes:")["input_ids"].shape[1]
+    prompt = training_samples.prompt_inputs(tiny_processor, Image.new("RGB", (56, 56)), "COCO Yes:")
+    prompt_length = prompt["input_ids"].shape[1]
     short = "a cat"
     max_length = prompt_length + len(training_samples.answer_token_ids(tiny_processor, "COCO Yes:", short))
     dataset = CaptionDataset(
