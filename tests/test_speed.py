@@ -194,6 +194,29 @@ def test_the_benchmark_runs_end_to_end_on_a_cpu(tmp_path):
     assert 0 < project < recipe / 2 and "| training: GFLOP per token (counted)" in result.stdout
 
 
+@pytest.mark.slow  # three minutes: the benchmark, then train.py and infer.py
+def test_the_gpu_check_runs_dry_on_a_cpu(tmp_path):
+    from conftest import run
+
+    result = run("bench/gpu_check.py", "--dry_run=true", f"--output={tmp_path}/check.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-5000:]
+    results = json.loads((tmp_path / "check.json").read_text())
+    assert results["machine"]["gpu"] is None and results["wheels"] == []
+    assert results["bench"]["exit"] == 0 and results["bench"]["train"]["project"]["samples_per_s"] > 0
+    assert "| training: samples/s" in results["bench"]["table"]
+    trained = results["train"]
+    assert (trained["exit"], trained["precision_used"], trained["image_features_cached"]) == (0, "fp32", True)
+    assert trained["plan"].startswith("each step: ") and len(trained["losses"]) == 6
+    assert results["infer"]["summary"].startswith("wrote 4 captions")
+
+
+def test_the_gpu_check_without_a_gpu_says_how_to_run_it_dry(tmp_path):
+    from conftest import run
+
+    result = run("bench/gpu_check.py", f"--output={tmp_path}/check.json", cwd=tmp_path)
+    assert result.returncode == 1 and "no GPU here: run with --dry_run=true on a CPU" in result.stderr
+
+
 def test_the_benchmark_s_data_part_runs_at_a_reduced_size(tmp_path):
     import json
 
