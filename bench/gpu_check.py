@@ -7,7 +7,7 @@ chosen for the GPU, the memory probe, the feature cache), every number written t
     python bench/gpu_check.py --dry_run=true            # on a CPU: the same steps with the small shape, quickly
 
 The GPU machine has torch and an older transformers, but not swanlab; .whl/ carries what train.py needs beside them
-(about 20 MB; name .whl in the device tool's carry). Each step's output goes to the JSON even when a later one fails.
+(about 25 MB; name .whl in the device tool's carry). Each step's output goes to the JSON even when a later one fails.
 """
 import glob
 import importlib.metadata
@@ -43,7 +43,8 @@ debug = False  # show the full traceback of a failure
 # wheels at this machine's installed versions
 CARRIED = ["transformers", "huggingface-hub", "httpx2", "tokenizers", "peft", "accelerate", "swanlab", "orjson",
            "platformdirs", "pwinput", "pydantic", "pydantic-core", "pydantic-settings", "python-dotenv",
-           "annotated-types", "typing-inspection", "pyecharts", "prettytable", "pyroaring", "watchdog"]
+           "annotated-types", "typing-inspection", "pyecharts", "prettytable", "wcwidth", "pyroaring", "watchdog",
+           "kernels", "tomlkit"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64", "manylinux_2_24_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "any"]
 
@@ -57,6 +58,9 @@ def fetch_wheels(cfg):
                                  "--python-version", "3.12", "--implementation", "cp",
                                  *(f"--platform={platform}" for platform in PLATFORMS), "-d", cfg.wheels_dir, pin],
                                 capture_output=True, text=True)
+        if result.returncode:  # a source package only (pwinput): built here into a pure-Python wheel
+            result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w",
+                                     cfg.wheels_dir, pin], capture_output=True, text=True)
         if result.returncode:
             raise PipelineError(f"pip could not download {pin} for Python 3.12: {result.stderr.strip()[-500:]}")
     size = sum(os.path.getsize(path) for path in glob.glob(os.path.join(cfg.wheels_dir, "*.whl")))
