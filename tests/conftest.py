@@ -56,10 +56,46 @@ def tiny_processor(tiny_model):
 
 @pytest.fixture(scope="session", params=list(BUILDERS))
 def family_model(request, tiny_model, tmp_path_factory):
-    """A tiny random-weight model of each Qwen-VL family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL."""
+    """A tiny random-weight model of each Qwen-VL family: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5."""
     if request.param == "qwen2_vl":
         return tiny_model
     return BUILDERS[request.param](str(tmp_path_factory.mktemp(request.param)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_linear_attention(request):
+    """Qwen3.5's linear attention without its kernels (flash-linear-attention) takes a reference path that is several
+    times slower on two threads than on one, the more so on a loaded machine."""
+    import torch
+
+    qwen35 = "qwen3_5" in getattr(getattr(request.node, "callspec", None), "params", {}).values()
+    threads = torch.get_num_threads()
+    if qwen35:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp():
+    """llama.cpp's source as export_gguf.py gets it (pip download, checked, unpacked), kept in the environment: its
+    converter, its tools, and the official chat templates it carries."""
+    from export_gguf import llama_cpp_source
+
+    return llama_cpp_source(os.path.join(sys.prefix, "llama-cpp-python"))
+
+
+@pytest.fixture(scope="session")
+def qwen35_template(llama_cpp):
+    """Qwen3.5's official chat template (it thinks by default), as llama.cpp's source carries it."""
+    with open(os.path.join(llama_cpp, "models", "templates", "Qwen3.5-4B.jinja"), encoding="utf-8") as file:
+        return file.read()
+
+
+@pytest.fixture(scope="session")
+def qwen35_model(tmp_path_factory, qwen35_template):
+    """A tiny Qwen3.5 with the real Qwen3.5 tokenizer and the official template."""
+    return BUILDERS["qwen3_5"](str(tmp_path_factory.mktemp("qwen35")), chat_template=qwen35_template)
 
 
 @pytest.fixture(scope="session")

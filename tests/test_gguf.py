@@ -2,7 +2,6 @@
 in the slow set, llama.cpp's llama-mtmd-cli, built from the same source, captions a training image as infer.py does."""
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,14 +11,6 @@ from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, check, make_imagefolder, run
 from testkit.tiny_models import BUILDERS
 
 PROJECTORS = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    """llama.cpp's source as export_gguf.py gets it (pip download, checked, unpacked), kept in the environment."""
-    from export_gguf import llama_cpp_source
-
-    return llama_cpp_source(os.path.join(sys.prefix, "llama-cpp-python"))
 
 
 def merged_with_real_tokenizer(family, work, *training):
