@@ -4,6 +4,8 @@
 PYTHON ?= python3
 SOURCE ?= auto  # data2csv.py's source: auto (modelscope, else coco) | modelscope | coco | hf:<dataset id> | a local imagefolder
 TRAIN_ARGS ?=         # extra train.py settings, e.g. TRAIN_ARGS="--num_train_epochs=1"
+# two test processes of one thread each (a machine of 2 cores), a test file's tests in one of them; the slowest shown
+PYTEST_ARGS ?= -n 2 --dist loadscope --durations=15
 VENV := .venv
 BIN := $(VENV)/bin
 
@@ -16,7 +18,7 @@ pipeline: $(VENV)/.pipeline-installed
 	$(BIN)/python compare.py
 
 test: $(VENV)/.test-installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 $(VENV)/.pipeline-installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)

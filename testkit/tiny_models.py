@@ -252,8 +252,10 @@ def real_qwen35_tokenizer(chat_template):
 
 
 QWEN35_VOCAB_SIZE = 248320  # rows of Qwen3.5's embedding: the tokenizer's 248077, padded
+# both kinds of layer, two of each: with the real models' one full-attention layer in four, a tiny random model
+# barely sees its image
 TINY_QWEN35_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                        layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=4,
+                        layer_types=["linear_attention", "full_attention"] * 2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                         linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
                         max_position_embeddings=2048,

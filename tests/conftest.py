@@ -18,6 +18,9 @@ from testkit.tiny_models import BUILDERS, build_tiny_qwen2vl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of make test's processes: a thread each, for them and what they start
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 # Distinct solid colours with short captions the tiny model can learn.
 COLOR_CAPTIONS = {
     "red": "a red square on a table",

@@ -59,12 +59,16 @@ def test_two_training_runs_on_one_output_dir(tmp_path, tiny_model):
     folder = make_imagefolder(tmp_path / "source")
     assert run("data2csv.py", f"--source={folder}", cwd=tmp_path).returncode == 0
     assert run("csv2json.py", cwd=tmp_path).returncode == 0
-    args = [f"--model={tiny_model}", "--test_size=2", "--image_size=56", "--max_steps=1500", "--save_steps=5000",
+    args = [f"--model={tiny_model}", "--test_size=2", "--image_size=56", "--max_steps=20", "--save_steps=5000",
             "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1", "--swanlab_mode=disabled"]
     owner = tmp_path / "output" / ".Qwen2-VL-2B.lock.json"
     first = start_and_wait_for([sys.executable, os.path.join(REPO, "train.py"), *args], owner, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    second = run("train.py", *args, cwd=tmp_path)
+    first.send_signal(signal.SIGSTOP)  # paused while it holds the lock, however fast it would train
+    try:
+        second = run("train.py", *args, cwd=tmp_path)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 1, second.stderr[-3000:]
     assert f"output/Qwen2-VL-2B is in use by process {first.pid} on " in second.stderr
     output, _ = first.communicate(timeout=600)

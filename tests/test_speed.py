@@ -272,7 +272,7 @@ def test_every_family_s_fast_path_gives_the_recipe_path_s_loss_and_gradients(fam
     fast = collate([family_dataset[i] for i in range(len(family_dataset))])
     assert "pixel_values" not in fast and fast["logits_to_keep"].sum() < fast["labels"].numel()
     loss_fast, grads_fast = loss_and_gradients(fast_model, fast)
-    assert loss_fast == pytest.approx(loss_plain, abs=1e-6)
+    assert loss_fast == pytest.approx(loss_plain, rel=1e-6)  # Qwen3.5's linear attention rounds a little apart
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_fast, grads_plain))
 
 

@@ -12,7 +12,7 @@ from captioning.errors import PipelineError
 from captioning.images import ImageGeometry
 from captioning.tracking import start_swanlab, swanlab_run_mode
 from captioning import training_samples
-from captioning.models import FAMILIES, RECIPE_PROJECTIONS, model_family
+from captioning.models import model_family
 from captioning.training_samples import CaptionCollator, CaptionDataset
 
 
@@ -112,10 +112,14 @@ def test_lora_adapts_only_the_language_model(family_model):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(family_model)
-    lora = get_peft_model(model, LoraConfig(target_modules=FAMILIES["qwen2_vl"].lora_target_modules, r=4))
-    adapted = {name for name, _ in lora.named_modules() if name.endswith("lora_A")}
-    assert adapted and all(".language_model." in name for name in adapted)  # never Qwen2.5-VL's vision MLPs
-    assert len(adapted) == model.config.text_config.num_hidden_layers * len(RECIPE_PROJECTIONS)  # every projection
+    family = model_family(family_model)
+    layers = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+              and ".language_model." in name and name.rsplit(".", 1)[-1] in family.lora_layers}
+    lora = get_peft_model(model, LoraConfig(target_modules=family.lora_target_modules, r=4))
+    adapted = {name.removeprefix("base_model.model.").removesuffix(".lora_A") for name, _ in lora.named_modules()
+               if name.endswith("lora_A")}
+    assert adapted == layers  # each of the family's layers in the language model: never Qwen2.5-VL's vision MLPs
+    assert sum(name.endswith("mlp.down_proj") for name in adapted) == model.config.text_config.num_hidden_layers
 
 
 def test_the_family_comes_from_config_json_and_sets_the_image_size(family_model, tmp_path):
@@ -124,7 +128,8 @@ def test_the_family_comes_from_config_json_and_sets_the_image_size(family_model,
     family = model_family(family_model)
     with open(os.path.join(family_model, "config.json")) as file:
         assert family == FAMILIES[json.load(file)["model_type"]]
-    assert checked_image_size(0, family) == {"Qwen2-VL": 280, "Qwen2.5-VL": 280, "Qwen3-VL": 288}[family.name]
+    assert checked_image_size(0, family) == {"Qwen2-VL": 280, "Qwen2.5-VL": 280, "Qwen3-VL": 288,
+                                                 "Qwen3.5": 288}[family.name]
     assert model_family("Qwen/Qwen2.5-VL-3B-Instruct").name == "Qwen2.5-VL"  # a hub id, before it is downloaded
     (tmp_path / "config.json").write_text('{"model_type": "llava"}')
     with pytest.raises(PipelineError, match=r"holds a 'llava' model; this project fine-tunes Qwen2-VL, Qwen2.5-VL, "
