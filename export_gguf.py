@@ -11,6 +11,7 @@ llama-cpp-python source package on PyPI (pinned, checked by its SHA-256, downloa
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -83,19 +84,31 @@ def conversion_view(merged_dir, image_size, folder):
 def convert(converter, source, outfile, outtype, family, mmproj=False):
     print(f"writing {os.path.basename(outfile)}")
     command = [sys.executable, converter, source, "--outfile", outfile, "--outtype", outtype,
-               *family.gguf_converter_args]
-    result = subprocess.run(command + (["--mmproj"] if mmproj else []), capture_output=True, text=True)
+               *(["--mmproj"] if mmproj else family.gguf_converter_args)]
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode:
         raise PipelineError(f"llama.cpp's converter failed on {source}:\n{result.stderr[-3000:]}")
 
 
-def modelfile(language_model, prompt):
-    """An Ollama Modelfile: the language model, the vision projector beside it, Qwen's chat turns, greedy decoding."""
+def chat_turns(merged_dir):
+    """(the system turn the template writes by default or None, the opening of the assistant's answer), read off the
+    merged folder's own chat template: Qwen2-VL writes a system turn, Qwen3.5 answers after an empty thinking block."""
+    from transformers import AutoProcessor
+
+    rendered = AutoProcessor.from_pretrained(merged_dir).apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "{{ .Content }}"}]}], add_generation_prompt=True,
+        tokenize=False)
+    system = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", rendered, re.S)
+    return system and system.group(1), rendered.split("{{ .Content }}<|im_end|>\n", 1)[1]
+
+
+def modelfile(language_model, prompt, system, answer_opening):
+    """An Ollama Modelfile: the language model, the vision projector beside it, the chat turns of the model's own
+    template (its default system turn, the opening of its answer), greedy decoding."""
     return (f"# ollama create my-captioner -f Modelfile; then ask with an image and the prompt {prompt!r}\n"
             f"FROM ./{language_model}\nFROM ./mmproj-f16.gguf\n"
             'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
-            '{{ end }}<|im_start|>assistant\n"""\n'
-            "SYSTEM You are a helpful assistant.\n"
+            f'{{{{ end }}}}{answer_opening}"""\n' + (f"SYSTEM {system}\n" if system else "") +
             "PARAMETER temperature 0\nPARAMETER stop <|im_end|>\n")
 
 
@@ -131,7 +144,7 @@ def main(argv=()):
                 convert(converter, view, os.path.join(staging, f"model-{outtype}.gguf"), outtype, family)
             convert(converter, view, os.path.join(staging, "mmproj-f16.gguf"), "f16", family, mmproj=True)
             with open(os.path.join(staging, "Modelfile"), "w", encoding="utf-8") as file:
-                file.write(modelfile(f"model-{requested[-1]}.gguf", run_config["prompt"]))
+                file.write(modelfile(f"model-{requested[-1]}.gguf", run_config["prompt"], *chat_turns(cfg.merged_dir)))
     print(f"wrote {gguf_dir}. Caption an image with llama.cpp:\n  llama-mtmd-cli -m {gguf_dir}/model-{requested[-1]}.gguf "
           f"--mmproj {gguf_dir}/mmproj-f16.gguf --image photo.jpg -p {run_config['prompt']!r} --temp 0 "
           f"--image-min-tokens {fewest_tokens} --image-max-tokens {most_tokens}\nor with Ollama: cd {gguf_dir} && "

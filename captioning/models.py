@@ -41,7 +41,8 @@ class Family(NamedTuple):
     vision_tower: str = "model.visual"  # its module: never quantized, never adapted, its output cacheable
     # the output class that carries precomputed vision features into the model's forward (mm_encoder_outputs)
     cached_features: str = "transformers.modeling_outputs.BaseModelOutputWithPooling"
-    gguf_converter_args: tuple | None = ()  # extra arguments of llama.cpp's converter; None: not exported (untested)
+    gguf_converter_args: tuple | None = ()  # llama.cpp's converter's extra arguments for the language model's GGUF;
+    # None: not exported (untested)
     also_named: tuple = ()  # later releases of the same architecture, by the names in their hub ids
 
     @property

@@ -129,10 +129,11 @@ def start_and_wait_for(command, appears, cwd, timeout=300, **popen_kwargs):
     return process
 
 
-def run(script, *args, cwd, timeout=600, disk_full_at=None):
-    """Run one of the four scripts as a user would: a subprocess with --name=value settings. disk_full_at=(pattern,
-    n): the disk fills up when the file after the first n whose path matches pattern is written (disk_fills_up.py)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+def run(script, *args, cwd, timeout=600, disk_full_at=None, env=None):
+    """Run one of the four scripts as a user would: a subprocess with --name=value settings, and env's variables
+    beside this process's. disk_full_at=(pattern, n): the disk fills up when the file after the first n whose path
+    matches pattern is written (disk_fills_up.py)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     on_full_disk = [os.path.join(REPO, "tests", "disk_fills_up.py"), *map(str, disk_full_at)] if disk_full_at else []
     return subprocess.run(
         [sys.executable, *on_full_disk, os.path.join(REPO, script), *args],

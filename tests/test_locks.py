@@ -29,12 +29,12 @@ def holder(path):
     ("compare.py", [], "output/Qwen2-VL-2B/eval"),
 ])
 def test_a_folder_in_use_stops_the_second_process_at_once_and_a_killed_holder_s_lock_is_taken_over(
-        script, args, target, tmp_path):
+        script, args, target, tmp_path, tiny_model):
     for name in ("adapter_config.json", "adapter_model.safetensors"):  # enough of an adapter to reach the lock
         (tmp_path / "output" / "Qwen2-VL-2B").mkdir(parents=True, exist_ok=True)
         (tmp_path / "output" / "Qwen2-VL-2B" / name).write_text("{}")
     (tmp_path / "output" / "Qwen2-VL-2B" / "run_config.json").write_text(
-        json.dumps({"model": "not-downloaded/Qwen2-VL-2B-Instruct", "image_size": 56, "prompt": "COCO Yes:",
+        json.dumps({"model": tiny_model, "image_size": 56, "prompt": "COCO Yes:",  # loads, then the adapter fails
                     "test_json": "missing.json", "train_json": "missing.json"}))
     source = make_imagefolder(tmp_path / "source")
     first = holder(tmp_path / target)

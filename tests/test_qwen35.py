@@ -82,29 +82,53 @@ def test_only_the_caption_and_its_end_are_supervised_after_the_non_thinking_prom
     assert (sample["image_grid_thw"] == encoded["image_grid_thw"]).all()
 
 
-def test_qwen35_learns_its_captions_and_serves_them_without_thinking(qwen35_model, tmp_path, monkeypatch):
-    """Through the scripts, on photos of several shapes: infer.py gives each training caption, and so does a plain
-    transformers client of the merged folder that calls the template without arguments."""
-    for name, value in ONE_THREAD.items():
-        monkeypatch.setenv(name, value)
-    check(run("data2csv.py", f"--source={make_imagefolder(tmp_path / 'source', shapes=PHOTO_SHAPES)}", cwd=tmp_path))
-    check(run("csv2json.py", cwd=tmp_path))
+@pytest.fixture(scope="module")
+def trained(qwen35_model, tmp_path_factory):
+    """The tiny Qwen3.5 trained through the scripts on the colour photos of several shapes, and merged."""
+    work = tmp_path_factory.mktemp("qwen35_run")
+    check(run("data2csv.py", f"--source={make_imagefolder(work / 'source', shapes=PHOTO_SHAPES)}", cwd=work))
+    check(run("csv2json.py", cwd=work))
     check(run("train.py", f"--model={qwen35_model}", "--test_size=2", "--image_size=64", "--max_steps=150",
               "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
-              "--save_steps=1000", "--swanlab_mode=disabled", "--dataloader_num_workers=0", cwd=tmp_path))
-    run_config = json.loads((tmp_path / "output" / "Qwen2-VL-2B" / "run_config.json").read_text())
-    assert (run_config["family"], run_config["image_size"]) == ("Qwen3.5", 64)
+              "--save_steps=1000", "--swanlab_mode=disabled", "--dataloader_num_workers=0", cwd=work,
+              env=ONE_THREAD))
+    check(run("merge.py", cwd=work, env=ONE_THREAD))
+    return work, [str(work / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED]
 
-    photos = [str(tmp_path / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED]
-    check(run("infer.py", f"--images={','.join(photos)}", "--output_path=adapter.jsonl", cwd=tmp_path))
-    captions = [json.loads(line)["caption"] for line in (tmp_path / "adapter.jsonl").read_text().splitlines()]
+
+def test_qwen35_learns_its_captions_and_serves_them_without_thinking(trained):
+    """infer.py gives each training caption, and so does a plain transformers client of the merged folder that
+    calls the template without arguments."""
+    work, photos = trained
+    run_config = json.loads((work / "output" / "Qwen2-VL-2B" / "run_config.json").read_text())
+    assert (run_config["family"], run_config["image_size"]) == ("Qwen3.5", 64)
+    check(run("infer.py", f"--images={','.join(photos)}", "--output_path=adapter.jsonl", cwd=work,
+              env=ONE_THREAD))
+    captions = [json.loads(line)["caption"] for line in (work / "adapter.jsonl").read_text().splitlines()]
     assert captions == [COLOR_CAPTIONS[color] for color in TRAINED]
 
-    check(run("merge.py", cwd=tmp_path))
-    merged = tmp_path / "output" / "Qwen2-VL-2B-merged"
+    merged = work / "output" / "Qwen2-VL-2B-merged"
     client = check(run(os.path.join("tests", "caption_as_a_client.py"), str(merged), "COCO Yes:", *photos,
-                       cwd=REPO))
+                       cwd=REPO, env=ONE_THREAD))
     served = json.loads(client.stdout.strip().splitlines()[-1])["captions"]
     for color, photo in zip(TRAINED, photos):
         assert served[photo]["model"] == served[photo]["pipeline"] == COLOR_CAPTIONS[color], photo
     assert "enable_thinking is defined and enable_thinking) %}" in (merged / "chat_template.jinja").read_text()
+
+
+def test_qwen35_exports_to_gguf_with_a_template_that_does_not_think_by_default(trained, llama_cpp):
+    from gguf import GGUFReader
+
+    work, _ = trained
+    check(run("export_gguf.py", f"--llama_cpp={llama_cpp}", "--outtypes=f16", cwd=work))
+    gguf_dir = work / "output" / "Qwen2-VL-2B-gguf"
+    text = GGUFReader(gguf_dir / "model-f16.gguf")
+    assert text.fields["general.architecture"].contents() == text.fields["tokenizer.ggml.pre"].contents() == "qwen35"
+    assert text.fields["tokenizer.ggml.eos_token_id"].contents() == 248046  # <|im_end|>
+    template = text.fields["tokenizer.chat_template"].contents()  # what llama-mtmd-cli applies, without arguments
+    assert "{%- if not (enable_thinking is defined and enable_thinking) %}" in template
+    mmproj = GGUFReader(gguf_dir / "mmproj-f16.gguf")
+    assert mmproj.fields["clip.projector_type"].contents() == "qwen3vl_merger"
+    assert mmproj.fields["clip.vision.image_size"].contents() == 64
+    modelfile = (gguf_dir / "Modelfile").read_text()  # Ollama's turns: no system turn, the empty thinking block
+    assert '{{ end }}<|im_start|>assistant\n<think>\n\n</think>\n\n"""' in modelfile and "SYSTEM" not in modelfile
