@@ -200,14 +200,21 @@ TINY_QWEN3_VISION = dict(depth=4, hidden_size=32, intermediate_size=64, num_head
 def build_tiny_qwen3vl(folder, seed=0, text=TINY_QWEN3_TEXT, vision=TINY_QWEN3_VISION, vocab_size=None, dtype=None):
     """A random-weight Qwen3-VL: 16-pixel patches, deepstack features from three vision layers, interleaved mrope,
     and a chat template without a default system turn."""
+    _, tokenizer = tiny_tokenizer(QWEN3_CHAT_TEMPLATE)
+    return save_with_qwen3_processor(folder, Qwen3VLConfig, Qwen3VLForConditionalGeneration, tokenizer,
+                                     QWEN3_CHAT_TEMPLATE, text, vision, vocab_size, seed, dtype)
+
+
+def save_with_qwen3_processor(folder, config_class, model_class, tokenizer, chat_template, text, vision, vocab_size,
+                              seed, dtype):
+    """A random-weight model of config_class with Qwen3-VL's processor (16-pixel patches, mean and std 0.5), saved."""
     import torch
 
-    _, tokenizer = tiny_tokenizer(QWEN3_CHAT_TEMPLATE)
     image_processor = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=1280 * 32 * 32, patch_size=16,
                                             image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=Qwen3VLVideoProcessor(), chat_template=QWEN3_CHAT_TEMPLATE)
-    config = Qwen3VLConfig(
+                                 video_processor=Qwen3VLVideoProcessor(), chat_template=chat_template)
+    config = config_class(
         text_config=dict(vocab_size=vocab_size or len(tokenizer), tie_word_embeddings=True, **text,
                          **text_token_ids(tokenizer)),
         vision_config=dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, **vision),
@@ -215,7 +222,7 @@ def build_tiny_qwen3vl(folder, seed=0, text=TINY_QWEN3_TEXT, vision=TINY_QWEN3_V
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    save_tiny(Qwen3VLForConditionalGeneration(config).to(dtype or torch.float32), processor, tokenizer, folder)
+    save_tiny(model_class(config).to(dtype or torch.float32), processor, tokenizer, folder)
     return folder
 
 
@@ -269,7 +276,6 @@ def build_tiny_qwen35(folder, seed=0, text=TINY_QWEN35_TEXT, vision=TINY_QWEN35_
                       chat_template=None):
     """A random-weight Qwen3.5: Gated DeltaNet and full-attention layers, Qwen3-VL's processor without deepstack.
     With chat_template (the official one, which thinks by default), Qwen3.5's real tokenizer; else the tiny one."""
-    import torch
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     if chat_template:
@@ -277,20 +283,8 @@ def build_tiny_qwen35(folder, seed=0, text=TINY_QWEN35_TEXT, vision=TINY_QWEN35_
         vocab_size = vocab_size or QWEN35_VOCAB_SIZE
     else:
         _, tokenizer = tiny_tokenizer(chat_template := QWEN3_CHAT_TEMPLATE)
-    image_processor = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=1280 * 32 * 32, patch_size=16,
-                                            image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=Qwen3VLVideoProcessor(), chat_template=chat_template)
-    config = Qwen3_5Config(
-        text_config=dict(vocab_size=vocab_size or len(tokenizer), tie_word_embeddings=True, **text,
-                         **text_token_ids(tokenizer)),
-        vision_config=dict(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, **vision),
-        **special_token_ids(tokenizer),
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    save_tiny(Qwen3_5ForConditionalGeneration(config).to(dtype or torch.float32), processor, tokenizer, folder)
-    return folder
+    return save_with_qwen3_processor(folder, Qwen3_5Config, Qwen3_5ForConditionalGeneration, tokenizer, chat_template,
+                                     text, vision, vocab_size, seed, dtype)
 
 
 BUILDERS = {"qwen2_vl": build_tiny_qwen2vl, "qwen2_5_vl": build_tiny_qwen25vl, "qwen3_vl": build_tiny_qwen3vl,
