@@ -132,10 +132,7 @@ def main(argv=()):
         raise PipelineError(f"--llama_cpp={cfg.llama_cpp} has no convert_hf_to_gguf.py: give llama.cpp's source folder")
 
     geometry = trained_geometry(run_config)
-    most_tokens = geometry.tokens((geometry.image_size, geometry.image_size))
-    # llama.cpp sizes a photo with the processor's smart_resize between these token counts: from one merged patch
-    # up, as training's geometry does; a square run's min = max only fixes the area, as llama.cpp keeps the shape
-    fewest_tokens = most_tokens if geometry.square else 1
+    fewest_tokens, most_tokens = geometry.token_bounds()
     with hold(gguf_dir), tempfile.TemporaryDirectory() as view:
         conversion_view(cfg.merged_dir, run_config["image_size"], view)
         with stop_if_disk_full(gguf_dir, "the GGUF files", lambda: folder_size(cfg.merged_dir) * len(requested),

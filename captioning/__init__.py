@@ -24,6 +24,7 @@ served_files        the processor and config files outside tools read, with trai
 generation          captions from a model: greedy, in batches
 vllm_engine         captions from vLLM: the merged folder, or base + adapter
 predictions         infer.py's predictions.jsonl, written as captioning goes
+metrics             the COCO caption metrics, as pycocoevalcap computes them
 pages               the HTML pieces of compare.py's report and demo.py's page
 tracking            SwanLab: its mode and run
 """

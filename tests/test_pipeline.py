@@ -233,6 +233,38 @@ def test_merged_model_captions_every_photo_in_transformers_as_infer_does(trained
     assert len({str(by_client[path]["image_grid_thw"]) for path in photos}) >= 4  # shapes that differ
 
 
+def test_verify_shows_each_engine_agreeing_and_why_it_skipped_the_others(trained_run, merged_dir):
+    """verify.py after merge.py: transformers on the merged folder gives infer.py's captions of the training photos
+    (each of another shape), scored against their captions; the engines not here are named with what to do."""
+    work, _ = trained_run
+    result = check(run("verify.py", "--images=data_vl_train.json", "--max_new_tokens=16", "--report_dir=verified",
+                       f"--merged_dir={merged_dir}", "--gguf_dir=no-gguf-here", cwd=work))
+    rows = {row["engine"]: row for row in json.loads((work / "verified" / "verify.json").read_text())["engines"]}
+    assert [(row["equal"], row["of"]) for row in rows.values()] == [(4, 4), (4, 4)]  # infer.py, transformers
+    assert rows["transformers (merged)"]["CIDEr-D"] == rows["infer.py (adapter)"]["CIDEr-D"] > 1  # its captions
+    assert "| transformers (merged)        |        4/4" in result.stdout
+    skipped = json.loads((work / "verified" / "verify.json").read_text())["skipped"]
+    assert skipped["vLLM (merged)"].startswith("vLLM is not installed here: pip install vllm")
+    assert skipped["server"].startswith("no --server given: start one (vllm serve MERGED_DIR")
+    assert skipped["llama-mtmd-cli (GGUF)"].startswith("llama-mtmd-cli is not on PATH")
+    page = (work / "verified" / "verify.html").read_text()
+    assert page.count("<img src='data:image/jpeg;base64,") == 4 and "class=differs" not in page
+
+
+def test_verify_catches_a_model_served_without_its_training(trained_run, tiny_model, tmp_path):
+    """The base model where the merged one belongs (an adapter served without its LoRA): a non-zero exit that shows
+    the first caption that differs beside infer.py's."""
+    work, _ = trained_run
+    result = run("verify.py", "--images=data_vl_train.json", "--max_new_tokens=16", f"--report_dir={tmp_path}",
+                 f"--merged_dir={tiny_model}", cwd=work)
+    assert result.returncode == 1
+    assert "transformers (merged) gave other captions than infer.py" in result.stderr
+    assert "transformers (merged) differs first on coco_2014_caption/red.jpg" in result.stdout  # the first photo
+    assert f"  infer.py: {COLOR_CAPTIONS['red']!r}\n  transformers (merged): '" in result.stdout
+    row = json.loads((tmp_path / "verify.json").read_text())["engines"][1]
+    assert row["equal"] < row["of"] == 4 and row["first_difference"]["engine"] != row["first_difference"]["reference"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["transformers==4.57.*", "transformers>=5.16.1,<5.21"], ids=["4.57", "vLLM's pin"])
 def test_merged_model_captions_full_size_images_in_older_transformers(trained_run, merged_dir, spec):

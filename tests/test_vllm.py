@@ -113,3 +113,46 @@ def test_infer_s_vllm_engine_writes_the_file_its_transformers_engine_writes(trai
     infer_with_vllm("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", infer, *captioning,
                     "--engine=vllm", "--output_path=two.jsonl", cwd=tmp_path)
     assert (tmp_path / "two.jsonl").read_text().splitlines() == expected
+
+
+@pytest.fixture(scope="module")
+def vllm_server(trained):
+    """vLLM's OpenAI-compatible server on the merged folder, on 127.0.0.1, started once (this package's `vllm serve`
+    entry point fails to find its own version: the module it runs is started directly)."""
+    import socket
+    import time
+    import urllib.request
+
+    tmp_path, _ = trained
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path / "vllm_server.log", "w")
+    server = subprocess.Popen([vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model",
+                               str(tmp_path / "output" / "Qwen2-VL-2B-merged"), "--dtype", "float32",
+                               "--max-model-len", "512", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while time.time() < deadline and server.poll() is None:
+        try:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=5).close()
+            break
+        except OSError:
+            time.sleep(2)
+    assert server.poll() is None, (tmp_path / "vllm_server.log").read_text()[-3000:]
+    yield url
+    server.terminate()
+    server.wait(timeout=60)
+    log.close()
+
+
+@pytest.mark.slow
+def test_verify_asks_vllm_serve_over_http_and_gets_infer_s_captions(trained, vllm_server):
+    tmp_path, _ = trained
+    photos = [str(tmp_path / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED]
+    result = check(run("verify.py", f"--images={','.join(photos)}", "--max_new_tokens=16", "--report_dir=verified",
+                       f"--server={vllm_server}", cwd=tmp_path))
+    rows = {row["engine"]: row for row in json.loads((tmp_path / "verified" / "verify.json").read_text())["engines"]}
+    assert (rows["server"]["equal"], rows["server"]["of"]) == (4, 4), result.stdout
+    assert rows["server"]["captions"] == {photo: COLOR_CAPTIONS[color] for photo, color in zip(photos, TRAINED)}
