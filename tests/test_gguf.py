@@ -1,5 +1,6 @@
 """export_gguf.py: a merged model written as GGUF with llama.cpp's own converter, read back with the gguf package;
 in the slow set, llama.cpp's llama-mtmd-cli, built from the same source, captions a training image as infer.py does."""
+import json
 import os
 import subprocess
 
@@ -65,35 +66,91 @@ def test_export_writes_gguf_files_that_the_gguf_reader_validates(family, tmp_pat
     assert (gguf_dir / "Modelfile").read_text().count("\nFROM ./") == 2
 
 
-def built_llama_mtmd_cli(llama_cpp):
-    """llama.cpp's multimodal command-line tool, built once from the same source as the converter."""
+def built_llama_cpp_tool(llama_cpp, tool):
+    """llama.cpp's llama-mtmd-cli or llama-server, built from the same source as the converter into one build folder
+    (the two share its libraries): the server without its web page, whose prebuilt files would be downloaded."""
     build = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(llama_cpp))), "build")
-    binary = os.path.join(build, "bin", "llama-mtmd-cli")
+    binary = os.path.join(build, "bin", tool)
     if not os.path.isfile(binary):
         subprocess.run(["cmake", "-S", llama_cpp, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
-                        "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                        "-DLLAMA_BUILD_SERVER=OFF"], check=True, capture_output=True)
-        subprocess.run(["cmake", "--build", build, "--target", "llama-mtmd-cli", f"-j{os.cpu_count()}"], check=True,
+                        "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON",
+                        "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"], check=True, capture_output=True)
+        subprocess.run(["cmake", "--build", build, "--target", tool, f"-j{os.cpu_count()}"], check=True,
                        capture_output=True)
     return binary
 
 
-@pytest.mark.slow
-def test_llama_cpp_captions_training_photos_of_every_shape_as_infer_does(tmp_path, llama_cpp):
-    merged_with_real_tokenizer("qwen2_vl", tmp_path, "--max_steps=150", "--learning_rate=5e-3", "--save_steps=1000")
-    colors = ["red", "green", "blue"]  # sized 56x56, 28x56 and 112x28 by the processor
-    images = [tmp_path / "coco_2014_caption" / f"{color}.jpg" for color in colors]
-    inferred = check(run("infer.py", f"--images={','.join(map(str, images))}", "--max_new_tokens=16",
-                         "--output_path=photos.jsonl", cwd=tmp_path))
-    for image, color in zip(images, colors):
-        assert f"{image}: {COLOR_CAPTIONS[color]}" in inferred.stdout
-    check(run("export_gguf.py", f"--llama_cpp={llama_cpp}", "--outtypes=f16", cwd=tmp_path))
+@pytest.fixture(scope="module")
+def exported(llama_cpp, tmp_path_factory):
+    """A tiny Qwen2-VL with Qwen2's real tokenizer that has learnt the colour photos of several shapes, merged and
+    exported as GGUF (f16)."""
+    work = tmp_path_factory.mktemp("gguf_run")
+    merged_with_real_tokenizer("qwen2_vl", work, "--max_steps=150", "--learning_rate=5e-3", "--save_steps=1000")
+    check(run("export_gguf.py", f"--llama_cpp={llama_cpp}", "--outtypes=f16", cwd=work))
+    return work, work / "output" / "Qwen2-VL-2B-gguf"
 
-    gguf_dir = tmp_path / "output" / "Qwen2-VL-2B-gguf"
-    for image, color in zip(images, colors):  # with the token bounds export_gguf.py prints
+
+COLORS = ["red", "green", "blue"]  # sized 56x56, 28x56 and 112x28 by the processor
+
+
+@pytest.mark.slow
+def test_llama_cpp_captions_training_photos_of_every_shape_as_infer_does(exported, llama_cpp):
+    work, gguf_dir = exported
+    images = [work / "coco_2014_caption" / f"{color}.jpg" for color in COLORS]
+    inferred = check(run("infer.py", f"--images={','.join(map(str, images))}", "--max_new_tokens=16",
+                         "--output_path=photos.jsonl", cwd=work))
+    for image, color in zip(images, COLORS):
+        assert f"{image}: {COLOR_CAPTIONS[color]}" in inferred.stdout
+    for image, color in zip(images, COLORS):  # with the token bounds export_gguf.py prints
         captioned = subprocess.run(
-            [built_llama_mtmd_cli(llama_cpp), "-m", gguf_dir / "model-f16.gguf", "--mmproj",
+            [built_llama_cpp_tool(llama_cpp, "llama-mtmd-cli"), "-m", gguf_dir / "model-f16.gguf", "--mmproj",
              gguf_dir / "mmproj-f16.gguf", "--image", image, "-p", "COCO Yes:", "--temp", "0", "-n", "16",
              "--image-min-tokens", "1", "--image-max-tokens", "4"], capture_output=True, text=True, timeout=300)
         assert captioned.returncode == 0, captioned.stderr[-3000:]
         assert captioned.stdout.strip() == COLOR_CAPTIONS[color], color + captioned.stdout + captioned.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def llama_server(exported, llama_cpp):
+    """llama-server on the exported GGUF and mmproj with training's token bounds, on 127.0.0.1, started once."""
+    import socket
+    import time
+    import urllib.request
+
+    work, gguf_dir = exported
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(work / "llama_server.log", "w")
+    server = subprocess.Popen([built_llama_cpp_tool(llama_cpp, "llama-server"), "-m", gguf_dir / "model-f16.gguf",
+                               "--mmproj", gguf_dir / "mmproj-f16.gguf", "--image-min-tokens", "1",
+                               "--image-max-tokens", "4", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline and server.poll() is None:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=5).close()
+            break
+        except OSError:
+            time.sleep(1)
+    assert server.poll() is None, (work / "llama_server.log").read_text()[-3000:]
+    yield url
+    server.terminate()
+    server.wait(timeout=60)
+    log.close()
+
+
+@pytest.mark.slow
+def test_verify_asks_llama_server_over_http_and_llama_mtmd_cli_and_both_give_infer_s_captions(exported, llama_cpp,
+                                                                                               llama_server):
+    """Photos of three shapes sent to llama-server as base64 data URLs, and given to llama-mtmd-cli, by verify.py."""
+    work, gguf_dir = exported
+    images = ",".join(str(work / "coco_2014_caption" / f"{color}.jpg") for color in COLORS)
+    cli = built_llama_cpp_tool(llama_cpp, "llama-mtmd-cli")
+    result = check(run("verify.py", f"--images={images}", "--max_new_tokens=16", "--report_dir=verified",
+                       f"--server={llama_server}", f"--llama_mtmd_cli={cli}", f"--gguf_dir={gguf_dir}", cwd=work))
+    rows = {row["engine"]: row for row in json.loads((work / "verified" / "verify.json").read_text())["engines"]}
+    for engine in ("server", "llama-mtmd-cli (GGUF)", "transformers (merged)"):
+        assert (rows[engine]["equal"], rows[engine]["of"]) == (3, 3), (engine, result.stdout)
+    assert list(rows["server"]["captions"].values()) == [COLOR_CAPTIONS[color] for color in COLORS]
