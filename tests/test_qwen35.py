@@ -116,7 +116,6 @@ def test_qwen35_learns_its_captions_and_serves_them_without_thinking(trained):
     assert "enable_thinking is defined and enable_thinking) %}" in (merged / "chat_template.jinja").read_text()
 
 
-@pytest.mark.slow  # 40 s: two conversions; Qwen2-VL's export stays in the plain run
 def test_qwen35_exports_to_gguf_with_a_template_that_does_not_think_by_default(trained, llama_cpp):
     from gguf import GGUFReader
 
