@@ -1,4 +1,5 @@
 """Shared test fixtures: a tiny Qwen2-VL, synthetic images, a local HTTP server, and a way to run the scripts."""
+import contextlib
 import csv
 import io
 import json
@@ -139,6 +140,35 @@ def run(script, *args, cwd, timeout=600, disk_full_at=None, env=None):
         [sys.executable, *on_full_disk, os.path.join(REPO, script), *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def serving(command, ready_path, log_path, timeout=600, env=None):
+    """A server started on a free port of 127.0.0.1 (command, a function of the port, gives its command line), the URL
+    it answers at once ready_path answers there, stopped afterwards; its output goes to log_path."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **(env or {})})
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline and server.poll() is None:
+                try:
+                    urllib.request.urlopen(f"{url}{ready_path}", timeout=5).close()
+                    break
+                except OSError:
+                    time.sleep(1)
+            assert server.poll() is None, open(log_path).read()[-3000:]
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
 
 def check(result):

