@@ -25,6 +25,7 @@ from captioning.images import trained_geometry
 from captioning.locks import hold
 from captioning.models import FAMILIES, model_family
 from captioning.scripts import run_script
+from captioning.served_files import gguf_folder
 from captioning.settings import parse_settings
 
 # ----------------------------------------------------------------------------- settings
@@ -126,7 +127,7 @@ def main(argv=()):
         exported = [family.name for family in FAMILIES.values() if family.gguf_converter_args is not None]
         raise PipelineError(f"{cfg.merged_dir} holds a {family.name} model: the GGUF export is tested for "
                             f"{', '.join(exported)} only")
-    gguf_dir = cfg.gguf_dir or os.path.normpath(cfg.merged_dir).removesuffix("-merged") + "-gguf"
+    gguf_dir = cfg.gguf_dir or gguf_folder(cfg.merged_dir)
     converter = os.path.join(cfg.llama_cpp or llama_cpp_source(cfg.download_dir), "convert_hf_to_gguf.py")
     if not os.path.isfile(converter):
         raise PipelineError(f"--llama_cpp={cfg.llama_cpp} has no convert_hf_to_gguf.py: give llama.cpp's source folder")

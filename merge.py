@@ -17,9 +17,9 @@ from captioning.errors import PipelineError
 from captioning.files import readable_by_all, write_json, written_whole
 from captioning.images import trained_geometry
 from captioning.locks import hold
-from captioning.served_files import add_config_fields_for_transformers_4, save_processor
 from captioning.models import load_model_and_processor, resolve_model
 from captioning.scripts import run_script
+from captioning.served_files import add_config_fields_for_transformers_4, merged_folder, save_processor
 from captioning.settings import parse_settings
 
 # ----------------------------------------------------------------------------- settings
@@ -39,7 +39,7 @@ def main(argv=()):
     if cfg.dtype not in DTYPES:
         raise PipelineError(f"--dtype={cfg.dtype}: use one of {', '.join(DTYPES)}")
     checkpoint_dir, run_config = trained_adapter(cfg.checkpoint, cfg.output_dir)
-    merged_dir = cfg.merged_dir or os.path.normpath(cfg.output_dir) + "-merged"
+    merged_dir = cfg.merged_dir or merged_folder(cfg.output_dir)
 
     from peft import PeftModel
 

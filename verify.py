@@ -34,6 +34,7 @@ from captioning.images import loaded_images, trained_geometry
 from captioning.metrics import java_available, score_captions
 from captioning.pages import PAGE_STYLE, caption_cell, thumbnail_data_uri
 from captioning.scripts import run_script
+from captioning.served_files import gguf_folder, merged_folder
 from captioning.settings import parse_settings
 
 # ----------------------------------------------------------------------------- settings
@@ -146,6 +147,9 @@ def server_captions(cfg, paths, prompt):
                                                           {"type": "text", "text": prompt}]}]}, cfg.timeout)
             captions[path] = (answer["choices"][0]["message"]["content"] or "").strip()
         return captions
+    except urllib.error.HTTPError as error:  # it answered, with an error: a serving problem, not an absent engine
+        raise PipelineError(f"{cfg.server} answered HTTP {error.code}: {error.read().decode(errors='replace')[:500]}. "
+                            "Check --server_model against the model it serves, and its log") from error
     except (urllib.error.URLError, OSError) as error:
         raise Skipped(f"{cfg.server} could not be reached ({getattr(error, 'reason', error)}): check that the server "
                       "runs and listens there") from error
@@ -205,7 +209,7 @@ def score_text(value):
     return "" if value is None else f"{value:.4f}"
 
 
-def table(rows, skipped):
+def table(rows, skipped, failed):
     lines = [f"| {'engine':<28} | {'equal to infer.py':>17} | {'BLEU-4':>7} | {'CIDEr-D':>7} |",
              f"|{'-' * 30}|{'-' * 18}:|{'-' * 8}:|{'-' * 8}:|"]
     for row in rows:
@@ -217,15 +221,16 @@ def table(rows, skipped):
             lines.append(f"\n{row['engine']} differs first on {difference['image_path']}:\n"
                          f"  infer.py: {difference['reference']!r}\n  {row['engine']}: {difference['engine']!r}")
     lines += [f"\nskipped {name}: {why}" for name, why in skipped.items()]
+    lines += [f"\nFAILED {name}: {why}" for name, why in failed.items()]
     return "\n".join(lines)
 
 
-def page(rows, skipped, paths, geometry):
+def page(rows, notes, paths, geometry):
     """verify.html in compare.py's style: each engine's agreement, then each photo with every engine's caption."""
     escape = html.escape
     summary = "".join(f"<tr><th>{escape(row['engine'])}</th><td>{row['equal']}/{row['of']}</td>" +
                       "".join(f"<td>{score_text(row.get(name))}</td>" for name in SCORES) + "</tr>" for row in rows)
-    notes = "".join(f"<li>{escape(name)} skipped: {escape(why)}</li>" for name, why in skipped.items())
+    notes = "".join(f"<li>{escape(name)} {escape(note)}</li>" for name, note in notes.items())
     photos = "".join(
         f"<tr><td><img src='{thumbnail_data_uri(path, geometry)}' alt='{escape(path)}'><div class='path'>"
         f"{escape(path)}</div></td>" + "".join(
@@ -258,8 +263,8 @@ def held_references(spec):
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
     checkpoint_dir, run_config = trained_adapter(cfg.checkpoint, cfg.output_dir)
-    merged = cfg.merged_dir or os.path.normpath(cfg.output_dir) + "-merged"
-    gguf = cfg.gguf_dir or merged.removesuffix("-merged") + "-gguf"
+    merged = cfg.merged_dir or merged_folder(cfg.output_dir)
+    gguf = cfg.gguf_dir or gguf_folder(merged)
     spec = cfg.images or run_config["test_json"]
     paths = [path for path in image_paths(spec) if os.path.isfile(path)]
     if not paths:
@@ -279,25 +284,32 @@ def main(argv=()):
         "server": lambda: server_captions(cfg, paths, prompt),
         "llama-mtmd-cli (GGUF)": lambda: llama_cpp_captions(cfg, gguf, paths, run_config),
     }
-    rows, skipped = [compared(REFERENCE, reference, reference, references, use_java)], {}
+    rows, skipped, failed = [compared(REFERENCE, reference, reference, references, use_java)], {}, {}
     for name, captions in engines.items():
         print(f"captioning with {name}")
         try:
             rows.append(compared(name, captions(), reference, references, use_java))
         except Skipped as why:
             skipped[name] = str(why)
-    print(table(rows, skipped))
+        except PipelineError as error:  # reached, but it gave no captions: a serving problem, reported as one
+            failed[name] = str(error)
+    print(table(rows, skipped, failed))
 
     report_dir = cfg.report_dir or os.path.join(cfg.output_dir, "verify")
     os.makedirs(report_dir, exist_ok=True)
-    write_json(os.path.join(report_dir, "verify.json"), {"engines": rows, "skipped": skipped, "prompt": prompt})
+    write_json(os.path.join(report_dir, "verify.json"), {"engines": rows, "skipped": skipped, "failed": failed,
+                                                         "prompt": prompt})
     with atomic_write(os.path.join(report_dir, "verify.html"), encoding="utf-8") as file:
-        file.write(page(rows, skipped, paths, trained_geometry(run_config)))
+        notes = {**{name: f"skipped: {why}" for name, why in skipped.items()},
+                 **{name: f"failed: {why}" for name, why in failed.items()}}
+        file.write(page(rows, notes, paths, trained_geometry(run_config)))
     print(f"wrote verify.json and verify.html to {report_dir}")
     differing = [row["engine"] for row in rows if row["equal"] < row["of"]]
-    if differing:
-        raise PipelineError(f"{', '.join(differing)} gave other captions than infer.py (the table above shows the "
-                            "first of each): see docs/guide.md, 'Check what you ship', for how to read a difference")
+    problems = ([f"{', '.join(failed)} failed (the table above says why)"] if failed else []) + (
+        [f"{', '.join(differing)} gave other captions than infer.py (the table above shows the first of each): see "
+         "docs/guide.md, 'Check what you ship', for how to read a difference"] if differing else [])
+    if problems:
+        raise PipelineError("; ".join(problems))
 
 
 if __name__ == "__main__":

@@ -51,3 +51,13 @@ def add_config_fields_for_transformers_4(folder):
     if "tie_word_embeddings" in config:
         text_config.setdefault("tie_word_embeddings", config["tie_word_embeddings"])
     write_json(path, config)
+
+
+def merged_folder(output_dir):
+    """Where merge.py writes the merged model of a training run's output_dir, unless told otherwise."""
+    return os.path.normpath(output_dir) + "-merged"
+
+
+def gguf_folder(merged_dir):
+    """Where export_gguf.py writes the GGUF files of a merged folder, unless told otherwise."""
+    return os.path.normpath(merged_dir).removesuffix("-merged") + "-gguf"

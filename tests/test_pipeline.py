@@ -252,14 +252,16 @@ def test_verify_shows_each_engine_agreeing_and_why_it_skipped_the_others(trained
     assert page.count("<img src='data:image/jpeg;base64,") == 4 and "class=differs" not in page
 
 
-def test_verify_catches_a_model_served_without_its_training(trained_run, tiny_model, tmp_path):
+def test_verify_catches_a_model_served_without_its_training(trained_run, tiny_model, tmp_path, file_server):
     """The base model where the merged one belongs (an adapter served without its LoRA): a non-zero exit that shows
-    the first caption that differs beside infer.py's."""
+    the first caption that differs beside infer.py's. A server that answers with an error is a failure, not a skip."""
     work, _ = trained_run
     result = run("verify.py", "--images=data_vl_train.json", "--max_new_tokens=16", f"--report_dir={tmp_path}",
-                 f"--merged_dir={tiny_model}", cwd=work)
+                 f"--merged_dir={tiny_model}", f"--server={file_server.url}", cwd=work)
     assert result.returncode == 1
     assert "transformers (merged) gave other captions than infer.py" in result.stderr
+    assert "\nerror: server failed (the table above says why); transformers (merged) gave" in result.stderr
+    assert f"FAILED server: {file_server.url} answered HTTP 404: " in result.stdout
     assert re.search(r"transformers \(merged\) differs first on \S*coco_2014_caption/red\.jpg:", result.stdout)
     assert f"  infer.py: {COLOR_CAPTIONS['red']!r}\n  transformers (merged): '" in result.stdout
     row = json.loads((tmp_path / "verify.json").read_text())["engines"][1]
