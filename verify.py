@@ -35,7 +35,7 @@ from captioning.metrics import java_available, score_captions
 from captioning.pages import PAGE_STYLE, caption_cell, thumbnail_data_uri
 from captioning.scripts import run_script
 from captioning.served_files import gguf_folder, merged_folder
-from captioning.settings import parse_settings
+from captioning.settings import parse_settings, require_positive
 
 # ----------------------------------------------------------------------------- settings
 output_dir = "output/Qwen2-VL-2B"  # the same in every script: --help
@@ -262,6 +262,7 @@ def held_references(spec):
 
 def main(argv=()):
     cfg = parse_settings(globals(), argv)
+    require_positive(cfg, "max_new_tokens", "batch_size", "timeout")
     checkpoint_dir, run_config = trained_adapter(cfg.checkpoint, cfg.output_dir)
     merged = cfg.merged_dir or merged_folder(cfg.output_dir)
     gguf = cfg.gguf_dir or gguf_folder(merged)
