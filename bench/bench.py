@@ -41,7 +41,8 @@ epochs = 2  # training runs the recipe's 2 epochs over the images
 warmup_steps = 2  # optimizer steps left out of the timing
 caption_images = 16
 max_new_tokens = 24
-model_size = "auto"  # auto: 2b on CUDA, small on CPU | 2b (Qwen2-VL-2B's shape) | qwen2.5-vl-3b | qwen3-vl-2b | small
+model_size = "auto"  # auto: 2b on CUDA, small on CPU | 2b (Qwen2-VL-2B's shape) | qwen2.5-vl-3b | qwen3-vl-2b |
+# qwen3.5-0.8b | qwen3.5-2b | qwen3.5-4b | small
 output = "bench/results.json"
 data_rows = ""  # e.g. 1000,10000,100000: measure the data steps at those row counts instead, and fetching
 fetch_images = 200  # the data part: images fetched from a local host, with one connection and with fetch_workers
@@ -53,8 +54,16 @@ work_dir = ""  # internal: the shared data folder
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
-# The published architectures (config.json) of Qwen2-VL-2B-, Qwen2.5-VL-3B- and Qwen3-VL-2B-Instruct, and a
-# scaled-down Qwen2-VL for CPUs
+# What Qwen3.5's 0.8B, 2B and 4B share: heads of 256 (a quarter of each rotated), linear-attention heads of 128, and
+# (the 2B's taken as the 4B's, its own config not seen offline) a vision tower 24 deep and 1024 wide
+QWEN35_TEXT = dict(head_dim=256, linear_num_key_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+                   linear_conv_kernel_dim=4, rms_norm_eps=1e-6, max_position_embeddings=262144,
+                   rope_parameters={"rope_type": "default", "mrope_section": [11, 11, 10], "mrope_interleaved": True,
+                                    "rope_theta": 1e7, "partial_rotary_factor": 0.25})
+QWEN35_VISION = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, num_position_embeddings=2304)
+
+# The published architectures (config.json) of Qwen2-VL-2B-, Qwen2.5-VL-3B-, Qwen3-VL-2B-Instruct and Qwen3.5's
+# dense 0.8B, 2B and 4B, and a scaled-down Qwen2-VL for CPUs
 SIZES = {
     "2b": dict(family="qwen2_vl",
                text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -79,6 +88,21 @@ SIZES = {
         vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
                     num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
         vocab_size=151936),
+    # Qwen3.5's text models: Gated DeltaNet layers, one full-attention layer in four (the config's default pattern)
+    "qwen3.5-0.8b": dict(family="qwen3_5", text=dict(QWEN35_TEXT, hidden_size=1024, intermediate_size=3584,
+                                                     num_hidden_layers=24, num_attention_heads=8,
+                                                     num_key_value_heads=2, linear_num_value_heads=16),
+                         vision=dict(QWEN35_VISION, depth=12, hidden_size=768, intermediate_size=3072, num_heads=12,
+                                     out_hidden_size=1024),
+                         vocab_size=248320),
+    "qwen3.5-2b": dict(family="qwen3_5", text=dict(QWEN35_TEXT, hidden_size=2048, intermediate_size=6144,
+                                                   num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2,
+                                                   linear_num_value_heads=16),
+                       vision=dict(QWEN35_VISION, out_hidden_size=2048), vocab_size=248320),
+    "qwen3.5-4b": dict(family="qwen3_5", text=dict(QWEN35_TEXT, hidden_size=2560, intermediate_size=9216,
+                                                   num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4,
+                                                   linear_num_value_heads=32),
+                       vision=dict(QWEN35_VISION, out_hidden_size=2560), vocab_size=248320),
     "small": dict(family="qwen2_vl",
                   text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                             num_key_value_heads=2, max_position_embeddings=32768,

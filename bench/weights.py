@@ -1,7 +1,7 @@
 """What a training run holds in GPU memory before its first batch, by quantization: the base model's weights as
 train.py loads them, and the LoRA adapter with its gradients and AdamW's two moments (all fp32).
 
-    .venv/bin/python bench/weights.py                   # the published shapes of the three families
+    .venv/bin/python bench/weights.py                   # the published shapes of the four families
     .venv/bin/python bench/weights.py --models=2b
 
 Each model has the published architecture (bench.py's SIZES) with random weights in bf16, so nothing is downloaded;
@@ -23,7 +23,7 @@ from captioning.scripts import run_script  # noqa: E402
 from captioning.settings import parse_settings  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
-models = "2b,qwen2.5-vl-3b,qwen3-vl-2b"  # bench.py's SIZES: 2b (Qwen2-VL-2B) | qwen2.5-vl-3b | qwen3-vl-2b | small
+models = "2b,qwen2.5-vl-3b,qwen3-vl-2b,qwen3.5-0.8b,qwen3.5-2b,qwen3.5-4b"  # bench.py's SIZES, or small
 quantizations = "none,8bit,4bit"
 lora_r = 64  # train.py's default
 output = "bench/weights_results.json"
@@ -40,11 +40,11 @@ def measure(folder, quantization):
     from captioning.models import load_model_and_processor
     from captioning.precision import Compute
     from captioning.quantization import weight_bytes
-    from train import LORA_TARGET_MODULES
+    from captioning.models import model_family
 
     model, _ = load_model_and_processor(folder, Compute("cpu", "bf16", "sdpa"), quantization=quantization)
     held, _ = weight_bytes(model)
-    lora_model = get_peft_model(model, LoraConfig(target_modules=LORA_TARGET_MODULES, r=lora_r))
+    lora_model = get_peft_model(model, LoraConfig(target_modules=model_family(folder).lora_target_modules, r=lora_r))
     adapter = sum(p.numel() * 4 for p in lora_model.parameters() if p.requires_grad)  # fp32
     return held, adapter
 

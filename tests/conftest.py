@@ -46,9 +46,51 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def built_once(tmp_path_factory, name, build):
+    """A folder that build(folder) fills once for the whole test run, shared by make test's processes (each a pytest
+    session of its own): the first to ask builds it, the others wait for it. Tests copy it before they change it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder of this run that the processes' own folders are in
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    return build_tiny_qwen2vl(str(tmp_path_factory.mktemp("tiny_qwen2vl")))
+    return str(built_once(tmp_path_factory, "tiny_qwen2vl", lambda folder: build_tiny_qwen2vl(str(folder))))
+
+
+@pytest.fixture(scope="session")
+def colour_run(tiny_model, tmp_path_factory):
+    """The first three steps run on the colour photos of several shapes, the tiny model trained 150 steps (it learns
+    the captions): a folder with the data, output/Qwen2-VL-2B (checkpoints 100 and 150, the final adapter),
+    a local SwanLab run and train.log, what train.py printed. Built once for every test file that needs it."""
+    def steps(work):
+        check(run("data2csv.py", f"--source={make_imagefolder(work / 'source', shapes=PHOTO_SHAPES)}", cwd=work))
+        check(run("csv2json.py", cwd=work))
+        training = check(run(
+            "train.py", f"--model={tiny_model}", "--test_size=2", "--image_size=56", "--max_steps=150",
+            "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
+            "--logging_steps=10", "--save_steps=100", "--swanlab_mode", "local", "--save_total_limit", "5", cwd=work))
+        (work / "train.log").write_text(training.stdout)
+
+    return built_once(tmp_path_factory, "colour_run", steps)
+
+
+def copy_of(colour_run, tmp_path_factory, name):
+    """A copy of colour_run of the test file's own, to write in."""
+    work = tmp_path_factory.mktemp(name) / "run"
+    shutil.copytree(colour_run, work)
+    return work
 
 
 @pytest.fixture(scope="session")
@@ -84,9 +126,14 @@ def one_thread_for_linear_attention(request):
 def llama_cpp():
     """llama.cpp's source as export_gguf.py gets it (pip download, checked, unpacked), kept in the environment: its
     converter, its tools, and the official chat templates it carries."""
+    from filelock import FileLock
+
     from export_gguf import llama_cpp_source
 
-    return llama_cpp_source(os.path.join(sys.prefix, "llama-cpp-python"))
+    folder = os.path.join(sys.prefix, "llama-cpp-python")
+    os.makedirs(folder, exist_ok=True)
+    with FileLock(folder + ".lock"):  # make test's other process may be fetching it
+        return llama_cpp_source(folder)
 
 
 @pytest.fixture(scope="session")
@@ -115,6 +162,25 @@ def family_side(family_model):
     from captioning.models import model_family
 
     return 2 * model_family(family_model).side_multiple
+
+
+def built_llama_cpp_tool(llama_cpp, tool):
+    """llama.cpp's llama-mtmd-cli or llama-server, built from the same source as the converter into one build folder
+    (the two share its libraries): the server without its web page, whose prebuilt files would be downloaded. One
+    test process builds at a time: make test's other one may want a tool from the same folder."""
+    from filelock import FileLock
+
+    build = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(llama_cpp))), "build")
+    binary = os.path.join(build, "bin", tool)
+    with FileLock(build + ".lock"):
+        if not os.path.isfile(binary):
+            subprocess.run(["cmake", "-S", llama_cpp, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
+                            "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                            "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"],
+                           check=True, capture_output=True)
+            subprocess.run(["cmake", "--build", build, "--target", tool, f"-j{os.cpu_count()}"], check=True,
+                           capture_output=True)
+    return binary
 
 
 def chromium():

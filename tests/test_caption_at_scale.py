@@ -18,23 +18,17 @@ from captioning.errors import PipelineError
 from captioning.images import ImageGeometry
 from captioning.precision import Compute
 from captioning.vllm_engine import VllmCaptions, check_engine
-from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, check, make_imagefolder, run, start_and_wait_for
+from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, check, copy_of, run, start_and_wait_for
 
 SIZES = [(64, 48), (48, 96), (160, 40), (56, 56), (90, 30)]
 COLORS = [list(COLOR_CAPTIONS)[number % 6] for number in range(40)]  # the collection's photos, by number
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model, tmp_path_factory):
+def trained(colour_run, tmp_path_factory):
     """A tiny model that has learnt the colour captions, and a collection of 41 photos in nested folders (the
     colours in several shapes) with one file that is not an image."""
-    work = tmp_path_factory.mktemp("at_scale")
-    folder = make_imagefolder(work / "source", shapes=PHOTO_SHAPES)
-    check(run("data2csv.py", f"--source={folder}", cwd=work))
-    check(run("csv2json.py", cwd=work))
-    check(run("train.py", f"--model={tiny_model}", "--test_size=2", "--image_size=56", "--max_steps=150",
-              "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
-              "--save_steps=1000", "--swanlab_mode=disabled", cwd=work))
+    work = copy_of(colour_run, tmp_path_factory, "at_scale")
     for number, color in enumerate(COLORS):
         path = work / "collection" / f"part{number % 3}" / ("deeper" if number % 2 else "") / f"{number:03}-{color}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, check, make_imagefolder, run, serving
+from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, built_llama_cpp_tool, check, make_imagefolder, run, serving
 from testkit.tiny_models import BUILDERS
 
 PROJECTORS = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
@@ -31,7 +31,8 @@ def field(reader, name):
     return reader.fields[name].contents()
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", pytest.param("qwen2_5_vl", marks=pytest.mark.slow)])  # time: CI only
+@pytest.mark.slow  # a minute each: make test exports Qwen3.5 (test_qwen35.py), CI every family
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_export_writes_gguf_files_that_the_gguf_reader_validates(family, tmp_path, llama_cpp):
     from gguf import GGUFReader
 
@@ -64,20 +65,6 @@ def test_export_writes_gguf_files_that_the_gguf_reader_validates(family, tmp_pat
     assert field(mmproj, "clip.vision.image_size") == 56  # the training size goes with it
     assert field(mmproj, "clip.vision.patch_size") == 14 and field(mmproj, "clip.vision.block_count") == 3
     assert (gguf_dir / "Modelfile").read_text().count("\nFROM ./") == 2
-
-
-def built_llama_cpp_tool(llama_cpp, tool):
-    """llama.cpp's llama-mtmd-cli or llama-server, built from the same source as the converter into one build folder
-    (the two share its libraries): the server without its web page, whose prebuilt files would be downloaded."""
-    build = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(llama_cpp))), "build")
-    binary = os.path.join(build, "bin", tool)
-    if not os.path.isfile(binary):
-        subprocess.run(["cmake", "-S", llama_cpp, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
-                        "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=ON",
-                        "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"], check=True, capture_output=True)
-        subprocess.run(["cmake", "--build", build, "--target", tool, f"-j{os.cpu_count()}"], check=True,
-                       capture_output=True)
-    return binary
 
 
 @pytest.fixture(scope="module")

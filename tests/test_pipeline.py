@@ -14,24 +14,16 @@ from PIL import Image
 
 import train
 from captioning.settings import parse_settings
-from conftest import (REPO, COLOR_CAPTIONS, PHOTO_SHAPES, TRAINED, check, chromium, make_imagefolder, run,
+from conftest import (REPO, COLOR_CAPTIONS, TRAINED, check, chromium, copy_of, make_imagefolder, run,
                       transformers_release)
 from testkit.tiny_models import BUILDERS
 
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_model, tmp_path_factory):
-    work = tmp_path_factory.mktemp("pipeline")
-    folder = make_imagefolder(work / "source", shapes=PHOTO_SHAPES)
-    check(run("data2csv.py", f"--source={folder}", cwd=work))
-    check(run("csv2json.py", cwd=work))
-    training = check(run(
-        "train.py", f"--model={tiny_model}", "--test_size=2", "--image_size=56", "--max_steps=150",
-        "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
-        "--logging_steps=10", "--save_steps=100", "--swanlab_mode", "local", "--save_total_limit", "5", cwd=work,
-    ))
-    return work, training
+def trained_run(colour_run, tmp_path_factory):
+    work = copy_of(colour_run, tmp_path_factory, "pipeline")
+    return work, (work / "train.log").read_text()
 
 
 def test_run_config_records_every_setting_and_replays_them(trained_run):
@@ -74,7 +66,7 @@ def test_each_step_writes_what_the_next_one_reads(trained_run):
 
     # after training, the held-out images are captioned and printed, as the recipe does
     for color in ("white", "black"):
-        assert f"coco_2014_caption/{color}.jpg: " in training.stdout
+        assert f"coco_2014_caption/{color}.jpg: " in training
 
 
 def test_training_lowers_the_loss(trained_run):
@@ -313,8 +305,8 @@ def test_compare_refuses_training_images(trained_run):
     assert "evaluation images are also training images" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("family, name, side", [pytest.param("qwen2_5_vl", "Qwen2.5-VL", 56, marks=pytest.mark.slow),
-                                                ("qwen3_vl", "Qwen3-VL", 64)])
+@pytest.mark.slow  # a minute each; make test checks every family in process (test_train.py, test_speed.py, ...)
+@pytest.mark.parametrize("family, name, side", [("qwen2_5_vl", "Qwen2.5-VL", 56), ("qwen3_vl", "Qwen3-VL", 64)])
 def test_a_newer_family_runs_the_four_steps_learns_its_captions_and_merges(family, name, side, tmp_path):
     """The same steps as above for Qwen2.5-VL and Qwen3-VL: only --model changes."""
     model = BUILDERS[family](str(tmp_path / family))

@@ -3,6 +3,8 @@ template, which thinks by default. Training supervises the caption alone after t
 client that calls the template without arguments gets the trained caption, not a thinking block."""
 import json
 import os
+import re
+import subprocess
 
 import pytest
 from PIL import Image
@@ -11,7 +13,7 @@ from captioning import training_samples
 from captioning.chat import TEMPLATE_ARGUMENTS, build_messages, without_thinking_by_default
 from captioning.errors import PipelineError
 from captioning.models import FAMILIES, model_family
-from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, check, make_imagefolder, run
+from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, built_llama_cpp_tool, check, make_imagefolder, run
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the linear attention's reference path: far slower on two threads
 
@@ -116,12 +118,17 @@ def test_qwen35_learns_its_captions_and_serves_them_without_thinking(trained):
     assert "enable_thinking is defined and enable_thinking) %}" in (merged / "chat_template.jinja").read_text()
 
 
-def test_qwen35_exports_to_gguf_with_a_template_that_does_not_think_by_default(trained, llama_cpp):
+@pytest.fixture(scope="module")
+def exported(trained, llama_cpp):
+    work, _ = trained
+    exporting = check(run("export_gguf.py", f"--llama_cpp={llama_cpp}", "--outtypes=f16", cwd=work))
+    return work / "output" / "Qwen2-VL-2B-gguf", exporting.stdout
+
+
+def test_qwen35_exports_to_gguf_with_a_template_that_does_not_think_by_default(exported):
     from gguf import GGUFReader
 
-    work, _ = trained
-    check(run("export_gguf.py", f"--llama_cpp={llama_cpp}", "--outtypes=f16", cwd=work))
-    gguf_dir = work / "output" / "Qwen2-VL-2B-gguf"
+    gguf_dir, _ = exported
     text = GGUFReader(gguf_dir / "model-f16.gguf")
     assert text.fields["general.architecture"].contents() == text.fields["tokenizer.ggml.pre"].contents() == "qwen35"
     assert text.fields["tokenizer.ggml.eos_token_id"].contents() == 248046  # <|im_end|>
@@ -132,3 +139,18 @@ def test_qwen35_exports_to_gguf_with_a_template_that_does_not_think_by_default(t
     assert mmproj.fields["clip.vision.image_size"].contents() == 64
     modelfile = (gguf_dir / "Modelfile").read_text()  # Ollama's turns: no system turn, the empty thinking block
     assert '{{ end }}<|im_start|>assistant\n<think>\n\n</think>\n\n"""' in modelfile and "SYSTEM" not in modelfile
+
+
+@pytest.mark.slow
+def test_llama_mtmd_cli_captions_the_qwen35_gguf_as_infer_does(trained, exported, llama_cpp):
+    """llama-mtmd-cli applies the GGUF's template without arguments: the trained caption, no thinking block."""
+    work, photos = trained
+    gguf_dir, exporting = exported
+    [bounds] = re.findall(r"--image-min-tokens \d+ --image-max-tokens \d+", exporting)  # as export_gguf.py prints
+    cli = built_llama_cpp_tool(llama_cpp, "llama-mtmd-cli")
+    for color, photo in zip(TRAINED, photos):
+        captioned = subprocess.run([cli, "-m", gguf_dir / "model-f16.gguf", "--mmproj", gguf_dir / "mmproj-f16.gguf",
+                                    "--image", photo, "-p", "COCO Yes:", "--temp", "0", "-n", "16", *bounds.split()],
+                                   capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
+        assert captioned.returncode == 0, captioned.stderr[-3000:]
+        assert captioned.stdout.strip() == COLOR_CAPTIONS[color], color + captioned.stdout + captioned.stderr[-2000:]

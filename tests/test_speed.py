@@ -154,9 +154,12 @@ def test_gradient_checkpointing_changes_neither_loss_nor_gradients(samples, tiny
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_with, grads_without))
 
 
-@pytest.mark.parametrize("size, parameters", [("2b", 2.209e9), ("qwen2.5-vl-3b", 3.755e9), ("qwen3-vl-2b", 2.128e9)])
+@pytest.mark.parametrize("size, parameters", [("2b", 2.209e9), ("qwen2.5-vl-3b", 3.755e9), ("qwen3-vl-2b", 2.128e9),
+                                              ("qwen3.5-0.8b", 0.853e9), ("qwen3.5-2b", 2.213e9),
+                                              ("qwen3.5-4b", 4.539e9)])
 def test_the_benchmark_builds_each_family_s_published_shape(size, parameters, monkeypatch, tmp_path):
-    """On the meta device, so nothing is allocated: the parameter counts the model cards give (2.21B, 3.75B, 2.13B)."""
+    """On the meta device, so nothing is allocated: the parameter counts the model cards give (2.21B, 3.75B, 2.13B);
+    for Qwen3.5, the counts its published shapes give (0.85B, 2.21B, 4.54B, which its cards name 0.8B, 2B, 4B)."""
     import bench.bench as bench
     from testkit import tiny_models
 
