@@ -17,6 +17,7 @@ import sys
 import tarfile
 import tempfile
 
+from captioning.chat import never_thinking
 from captioning.checkpoints import RUN_CONFIG, read_run_config
 from captioning.disk_full import stop_if_disk_full
 from captioning.errors import PipelineError
@@ -71,9 +72,14 @@ def llama_cpp_source(download_dir):
 
 def conversion_view(merged_dir, image_size, folder):
     """The merged folder as the converter should read it: its files linked, config.json with the training image size
-    in vision_config, so that the mmproj GGUF records it."""
+    in vision_config, so that the mmproj GGUF records it, and a chat template that never thinks (llama-mtmd-cli asks
+    every template to think, so the merged folder's, which thinks only when asked, would)."""
     for name in os.listdir(merged_dir):
-        if name != "config.json":
+        if name == "chat_template.jinja":
+            with open(os.path.join(merged_dir, name), encoding="utf-8") as source, \
+                    open(os.path.join(folder, name), "w", encoding="utf-8") as view:
+                view.write(never_thinking(source.read()))
+        elif name != "config.json":
             os.symlink(os.path.abspath(os.path.join(merged_dir, name)), os.path.join(folder, name))
     with open(os.path.join(merged_dir, "config.json"), encoding="utf-8") as file:
         config = json.load(file)
@@ -144,7 +150,7 @@ def main(argv=()):
             with open(os.path.join(staging, "Modelfile"), "w", encoding="utf-8") as file:
                 file.write(modelfile(f"model-{requested[-1]}.gguf", run_config["prompt"], *chat_turns(cfg.merged_dir)))
     print(f"wrote {gguf_dir}. Caption an image with llama.cpp:\n  llama-mtmd-cli -m {gguf_dir}/model-{requested[-1]}.gguf "
-          f"--mmproj {gguf_dir}/mmproj-f16.gguf --image photo.jpg -p {run_config['prompt']!r} --temp 0 "
+          f"--mmproj {gguf_dir}/mmproj-f16.gguf --image photo.jpg -p {run_config['prompt']!r} --jinja --temp 0 "
           f"--image-min-tokens {fewest_tokens} --image-max-tokens {most_tokens}\nor with Ollama: cd {gguf_dir} && "
           "ollama create my-captioner -f Modelfile (Ollama sizes images itself, not with these bounds)")
     if geometry.square:

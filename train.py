@@ -225,18 +225,18 @@ def caption_held_out(cfg, lora_model, processor, geometry, test_samples, prompt,
 def train_and_caption(cfg, deepspeed_config, compute, is_main_process):
     """The run, phase by phase: split the data, load the model with LoRA, build the dataset, plan the steps, train,
     save the adapter, caption the held-out images."""
-    from swanlab.integration.transformers import SwanLabCallback
-    from transformers import set_seed
-
-    from captioning.step_plan import plan_training
-    from captioning.trainer import CaptionTrainer, LengthGroupedSampler, ReadableCheckpoints, SamplerEpochs
-
     mode = swanlab_run_mode(cfg.swanlab_mode) if is_main_process else "disabled"
     alone = this_process().count == 1
     if alone:  # decided before the model loads, so that a finished run is refused at once
         resume_from, earlier_run = resume_point(cfg, is_main_process)
 
     train_samples, test_samples, data = split_data(cfg, is_main_process)
+    # imported once the data is read (they take seconds), so that a missing or broken file is reported at once
+    from swanlab.integration.transformers import SwanLabCallback
+    from transformers import set_seed
+
+    from captioning.step_plan import plan_training
+    from captioning.trainer import CaptionTrainer, LengthGroupedSampler, ReadableCheckpoints, SamplerEpochs
 
     set_seed(cfg.seed)
     model_folder = resolve_model(cfg.model)

@@ -164,7 +164,9 @@ def ask(url, body, timeout):
 
 
 def llama_cpp_captions(cfg, gguf_dir, paths, run_config):
-    """llama-mtmd-cli on the GGUF with training's prompt and image token bounds, greedy."""
+    """llama-mtmd-cli on the GGUF with training's prompt and image token bounds, greedy, and the GGUF's own chat
+    template (--jinja; without it llama-mtmd-cli formats with its built-in ChatML, which drops Qwen3.5's empty
+    thinking block)."""
     binary = cfg.llama_mtmd_cli or shutil.which("llama-mtmd-cli")
     if not binary:
         raise Skipped("llama-mtmd-cli is not on PATH: build llama.cpp (cmake --build build --target llama-mtmd-cli) "
@@ -179,8 +181,9 @@ def llama_cpp_captions(cfg, gguf_dir, paths, run_config):
     for path in paths:
         done = subprocess.run([binary, "-m", os.path.join(gguf_dir, model), "--mmproj",
                                os.path.join(gguf_dir, "mmproj-f16.gguf"), "--image", path, "-p", run_config["prompt"],
-                               "--temp", "0", "-n", str(cfg.max_new_tokens), "--image-min-tokens", str(fewest),
-                               "--image-max-tokens", str(most)], capture_output=True, text=True)
+                               "--jinja", "--temp", "0", "-n", str(cfg.max_new_tokens),
+                               "--image-min-tokens", str(fewest), "--image-max-tokens", str(most)],
+                              capture_output=True, text=True)
         if done.returncode:
             raise PipelineError(f"llama-mtmd-cli failed on {path}:\n{done.stderr[-2000:]}")
         captions[path] = done.stdout.strip()

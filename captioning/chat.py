@@ -19,6 +19,8 @@ def build_messages(image, prompt, caption=None):
 THINKS_UNLESS_TOLD_NOT_TO = "{%- if enable_thinking is defined and enable_thinking is false %}"
 THINKS_ONLY_WHEN_ASKED = "{%- if not (enable_thinking is defined and enable_thinking) %}"
 TEMPLATE_ARGUMENTS = {"enable_thinking": False}  # for a template not yet rewritten (vLLM's base model + adapter)
+# llama-mtmd-cli passes enable_thinking=true to every Jinja template, and has no setting to change it
+NEVER_THINKS = "{%- if true %}"
 
 
 def without_thinking_by_default(processor):
@@ -36,3 +38,9 @@ def without_thinking_by_default(processor):
     if getattr(processor.tokenizer, "chat_template", None):
         processor.tokenizer.chat_template = processor.chat_template
     return processor
+
+
+def never_thinking(template):
+    """A chat template rewritten by without_thinking_by_default, made to answer after the empty thinking block even
+    when enable_thinking=true is passed (for llama.cpp, which always passes it); other templates as they are."""
+    return template.replace(THINKS_ONLY_WHEN_ASKED, NEVER_THINKS)

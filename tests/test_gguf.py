@@ -40,8 +40,8 @@ def test_export_writes_gguf_files_that_the_gguf_reader_validates(family, tmp_pat
     exported = check(run("export_gguf.py", f"--llama_cpp={llama_cpp}", cwd=tmp_path))
     gguf_dir = tmp_path / "output" / "Qwen2-VL-2B-gguf"
     assert sorted(os.listdir(gguf_dir)) == ["Modelfile", "mmproj-f16.gguf", "model-f16.gguf", "model-q8_0.gguf"]
-    assert "--prompt" not in exported.stdout and "-p 'COCO Yes:' --temp 0 --image-min-tokens 1 --image-max-tokens 4" \
-        in exported.stdout  # at most 56x56 pixels, 2x2 tokens of 28x28; at least one
+    assert "--prompt" not in exported.stdout  # at most 56x56 pixels, 2x2 tokens of 28x28; at least one
+    assert "-p 'COCO Yes:' --jinja --temp 0 --image-min-tokens 1 --image-max-tokens 4" in exported.stdout
 
     weights = load_file(merged / "model.safetensors")
     for outtype, quantised in (("f16", "F16"), ("q8_0", "Q8_0")):
@@ -91,8 +91,8 @@ def test_llama_cpp_captions_training_photos_of_every_shape_as_infer_does(exporte
     for image, color in zip(images, COLORS):  # with the token bounds export_gguf.py prints
         captioned = subprocess.run(
             [built_llama_cpp_tool(llama_cpp, "llama-mtmd-cli"), "-m", gguf_dir / "model-f16.gguf", "--mmproj",
-             gguf_dir / "mmproj-f16.gguf", "--image", image, "-p", "COCO Yes:", "--temp", "0", "-n", "16",
-             "--image-min-tokens", "1", "--image-max-tokens", "4"], capture_output=True, text=True, timeout=300)
+             gguf_dir / "mmproj-f16.gguf", "--image", image, "-p", "COCO Yes:", "--jinja", "--temp", "0",
+             "-n", "16", "--image-min-tokens", "1", "--image-max-tokens", "4"], capture_output=True, text=True, timeout=300)
         assert captioned.returncode == 0, captioned.stderr[-3000:]
         assert captioned.stdout.strip() == COLOR_CAPTIONS[color], color + captioned.stdout + captioned.stderr[-2000:]
 

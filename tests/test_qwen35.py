@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from captioning import training_samples
-from captioning.chat import TEMPLATE_ARGUMENTS, build_messages, without_thinking_by_default
+from captioning.chat import (NEVER_THINKS, TEMPLATE_ARGUMENTS, THINKS_ONLY_WHEN_ASKED, build_messages,
+                             without_thinking_by_default)
 from captioning.errors import PipelineError
 from captioning.models import FAMILIES, model_family
 from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, built_llama_cpp_tool, check, make_imagefolder, run
@@ -28,8 +29,9 @@ def test_a_qwen35_folder_is_the_qwen35_family_with_lora_on_both_kinds_of_attenti
     model = AutoModelForImageTextToText.from_pretrained(qwen35_model)
     targeted = get_peft_model(model, LoraConfig(target_modules=family.lora_target_modules, r=4)).targeted_module_names
     assert all(".language_model." in name for name in targeted)
-    assert {name.rsplit(".", 1)[-1] for name in targeted} == {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj",
-                       "up_proj", "down_proj"}  # not in_proj_a/in_proj_b, not the vision tower's qkv/proj/linear_fc
+    assert {name.rsplit(".", 1)[-1] for name in targeted} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj", "up_proj",
+        "down_proj"}  # not in_proj_a/in_proj_b, not the vision tower's qkv/proj/linear_fc
 
 
 def test_a_mixture_of_experts_qwen35_is_refused_naming_the_dense_sizes(tmp_path):
@@ -125,15 +127,15 @@ def exported(trained, llama_cpp):
     return work / "output" / "Qwen2-VL-2B-gguf", exporting.stdout
 
 
-def test_qwen35_exports_to_gguf_with_a_template_that_does_not_think_by_default(exported):
+def test_qwen35_exports_to_gguf_with_a_template_that_does_not_think(exported):
     from gguf import GGUFReader
 
     gguf_dir, _ = exported
     text = GGUFReader(gguf_dir / "model-f16.gguf")
     assert text.fields["general.architecture"].contents() == text.fields["tokenizer.ggml.pre"].contents() == "qwen35"
     assert text.fields["tokenizer.ggml.eos_token_id"].contents() == 248046  # <|im_end|>
-    template = text.fields["tokenizer.chat_template"].contents()  # what llama-mtmd-cli applies, without arguments
-    assert "{%- if not (enable_thinking is defined and enable_thinking) %}" in template
+    template = text.fields["tokenizer.chat_template"].contents()  # llama-mtmd-cli passes it enable_thinking=true
+    assert NEVER_THINKS in template and THINKS_ONLY_WHEN_ASKED not in template and "<|vision_start|>" in template
     mmproj = GGUFReader(gguf_dir / "mmproj-f16.gguf")
     assert mmproj.fields["clip.projector_type"].contents() == "qwen3vl_merger"
     assert mmproj.fields["clip.vision.image_size"].contents() == 64
@@ -143,14 +145,17 @@ def test_qwen35_exports_to_gguf_with_a_template_that_does_not_think_by_default(e
 
 @pytest.mark.slow
 def test_llama_mtmd_cli_captions_the_qwen35_gguf_as_infer_does(trained, exported, llama_cpp):
-    """llama-mtmd-cli applies the GGUF's template without arguments: the trained caption, no thinking block."""
+    """llama-mtmd-cli with the options export_gguf.py prints applies the GGUF's own template (--jinja; without it, its
+    built-in ChatML leaves out the empty thinking block), which answers after that block although llama-mtmd-cli
+    asks it to think: the trained caption."""
     work, photos = trained
     gguf_dir, exporting = exported
-    [bounds] = re.findall(r"--image-min-tokens \d+ --image-max-tokens \d+", exporting)  # as export_gguf.py prints
+    [bounds] = re.findall(r"--jinja --temp 0 (--image-min-tokens \d+ --image-max-tokens \d+)", exporting)
     cli = built_llama_cpp_tool(llama_cpp, "llama-mtmd-cli")
     for color, photo in zip(TRAINED, photos):
         captioned = subprocess.run([cli, "-m", gguf_dir / "model-f16.gguf", "--mmproj", gguf_dir / "mmproj-f16.gguf",
-                                    "--image", photo, "-p", "COCO Yes:", "--temp", "0", "-n", "16", *bounds.split()],
+                                    "--image", photo, "-p", "COCO Yes:", "--jinja", "--temp", "0", "-n", "16",
+                                    *bounds.split()],
                                    capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
         assert captioned.returncode == 0, captioned.stderr[-3000:]
         assert captioned.stdout.strip() == COLOR_CAPTIONS[color], color + captioned.stdout + captioned.stderr[-2000:]

