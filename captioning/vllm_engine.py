@@ -8,6 +8,7 @@ import os
 from captioning.chat import TEMPLATE_ARGUMENTS
 from captioning.checkpoints import ADAPTER_CONFIG
 from captioning.errors import PipelineError
+from captioning.models import model_family
 from captioning.precision import PRECISIONS
 
 ENGINES = ("transformers", "vllm")  # infer.py's engine setting
@@ -44,6 +45,9 @@ class VllmCaptions:
     """A vLLM engine on this process's device, captioning images already resized to training's geometry."""
 
     def __init__(self, base, checkpoint_dir, geometry, compute, prompt, max_new_tokens):
+        if compute.device == "cpu" and compute.precision != "bf16" and model_family(base).name == "Qwen3.5":
+            raise PipelineError("vLLM's CPU build runs Qwen3.5's linear attention in bf16 only: caption with "
+                                "--precision=bf16, or with --engine=transformers")
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
 

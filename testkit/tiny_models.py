@@ -270,8 +270,10 @@ TINY_QWEN35_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers
                                          "rope_theta": 1e7, "partial_rotary_factor": 0.25})
 TINY_QWEN35_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                           num_position_embeddings=64)
-# for vLLM's CPU attention, heads of 32 (a quarter rotated: sections summing to 4)
+# for vLLM's CPU kernels: full-attention heads of 32 (a quarter rotated: sections summing to 4), linear-attention
+# heads of 128 as in the real models (its CPU kernel refuses 16 and 32)
 TINY_VLLM_QWEN35_TEXT = dict(TINY_QWEN35_TEXT, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                             linear_key_head_dim=128, linear_value_head_dim=128,
                              rope_parameters={**TINY_QWEN35_TEXT["rope_parameters"], "mrope_section": [2, 1, 1]})
 
 

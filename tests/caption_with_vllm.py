@@ -2,6 +2,7 @@
 it is, or the base model with train.py's adapter through LoRARequest. Each photo is given at its own size and shape.
 
     python caption_with_vllm.py MODEL PROMPT IMAGE [IMAGE ...] [--adapter FOLDER] [--mm_processor_kwargs JSON]
+                                [--dtype bfloat16]
 
 prints one JSON object: {"vllm": version, "captions": {image: {"caption", "image_tokens"}}}.
 """
@@ -21,10 +22,11 @@ def main():
     parser.add_argument("images", nargs="+")
     parser.add_argument("--adapter")
     parser.add_argument("--mm_processor_kwargs", type=json.loads, default=None)
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
 
     lora = {"enable_lora": True, "max_lora_rank": 64} if args.adapter else {}
-    llm = LLM(model=args.model, dtype="float32", max_model_len=512, enforce_eager=True,
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=512, enforce_eager=True,
               limit_mm_per_prompt={"image": 1},
               mm_processor_kwargs=args.mm_processor_kwargs, **lora)
     adapter = LoRARequest("adapter", 1, args.adapter) if args.adapter else None

@@ -176,3 +176,12 @@ def test_a_vllm_engine_that_cannot_start_here_is_named(monkeypatch):
     with pytest.raises(PipelineError, match=r"vLLM could not start its engine for model-folder on this machine "
                                             r"\(RuntimeError: CUDA capability 6.1 .*\); use --engine=transformers"):
         VllmCaptions("model-folder", None, ImageGeometry(56, 28), Compute("cuda", "fp16", "sdpa"), "COCO Yes:", 16)
+
+
+def test_vllm_on_a_cpu_is_refused_qwen35_in_fp32_before_it_loads(tmp_path, monkeypatch):
+    """vLLM's CPU build runs Qwen3.5's linear attention in bf16 only, and fails at the first image otherwise."""
+    monkeypatch.setitem(sys.modules, "vllm", None)  # refused before vLLM is imported
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}))
+    with pytest.raises(PipelineError, match=r"runs Qwen3.5's linear attention in bf16 only: caption with "
+                                            r"--precision=bf16, or with --engine=transformers"):
+        VllmCaptions(str(tmp_path), None, ImageGeometry(64, 32), Compute("cpu", "fp32", "sdpa"), "COCO Yes:", 16)
