@@ -39,6 +39,7 @@ class Family(NamedTuple):
     image_size: int  # image_size's default: the recipe's 280, or the nearest multiple of the family's merged patch
     lora_layers: tuple = RECIPE_PROJECTIONS  # the language model's linear layers that take LoRA
     vision_tower: str = "model.visual"  # its module: never quantized, never adapted, its output cacheable
+    not_quantized: tuple = ()  # the language model's linear layers a quantized base keeps in its precision
     # the output class that carries precomputed vision features into the model's forward (mm_encoder_outputs)
     cached_features: str = "transformers.modeling_outputs.BaseModelOutputWithPooling"
     gguf_converter_args: tuple | None = ()  # llama.cpp's converter's extra arguments for the language model's GGUF;
@@ -74,10 +75,12 @@ FAMILIES = {
                                        "BaseModelOutputWithDeepstackFeatures"),
     # Gated DeltaNet layers (3 of 4) beside full attention: LoRA on both and the MLP, not on in_proj_a/in_proj_b (one
     # value per head: an adapter larger than the weight); vLLM packs in_proj_qkv with in_proj_z, so both or neither.
-    # Real configs declare a multi-token-prediction layer that a transformers-saved folder does not carry: --no-mtp
+    # Real configs declare a multi-token-prediction layer that a transformers-saved folder does not carry: --no-mtp.
+    # In 4 bits, in_proj_a/in_proj_b (the decay and write gates, a few thousand weights a layer) stay unquantized:
+    # bitsandbytes' CPU kernel refuses their width, and 4 bits would save nothing there
     "qwen3_5": Family("Qwen3.5", patch_size=16, image_size=288, also_named=("Qwen3.6", "Qwen3.8"),
                       lora_layers=(*RECIPE_PROJECTIONS, "in_proj_qkv", "in_proj_z", "out_proj"),
-                      gguf_converter_args=("--no-mtp",)),
+                      not_quantized=("in_proj_a", "in_proj_b"), gguf_converter_args=("--no-mtp",)),
 }
 # model types refused with a reason of their own
 REFUSED = {"qwen3_5_moe": "Qwen3.5's mixture-of-experts models are not supported (LoRA on their experts is untried "

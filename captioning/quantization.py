@@ -43,11 +43,12 @@ def quantized_loading(quantization, compute, family):
         return {}
     from transformers import BitsAndBytesConfig
 
+    kept = [family.vision_tower, *NOT_QUANTIZED, *family.not_quantized]
     if quantization == "4bit":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=compute.dtype, llm_int8_skip_modules=[family.vision_tower, *NOT_QUANTIZED])
+                                    bnb_4bit_compute_dtype=compute.dtype, llm_int8_skip_modules=kept)
     else:
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=[family.vision_tower, *NOT_QUANTIZED])
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=kept)
     device = f"cuda:{this_process().local_rank}" if compute.device == "cuda" else "cpu"  # under torchrun: its own GPU
     return {"quantization_config": config, "device_map": {"": device}}
 

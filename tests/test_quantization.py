@@ -8,17 +8,20 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import train
+from captioning.chat import build_messages
 from captioning.errors import PipelineError
 from captioning.generation import BaseAndFineTuned
 from captioning.images import ImageGeometry
-from captioning.models import load_model_and_processor
+from captioning.models import load_model_and_processor, model_family
 from captioning.precision import Compute
 from captioning.quantization import check_quantization, weight_bytes
 from captioning.settings import parse_settings
 from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, TRAINED, check, make_imagefolder, run
 from test_scale_out import logged_losses, torchrun
+from testkit.tiny_models import BUILDERS
 
 CPU = Compute("cpu", "fp32", "sdpa")
 LEARNING = ["--test_size=2", "--image_size=56", "--max_steps=150", "--learning_rate=5e-3",
@@ -31,13 +34,23 @@ def quantized_layers(model):
 
 
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
-def test_only_the_language_model_s_linear_layers_are_quantized(family_model, quantization):
+def test_only_the_language_model_s_linear_layers_are_quantized(family_model, family_processor, family_side,
+                                                              quantization):
+    """All of them but those the family keeps (Qwen3.5's in_proj_a/in_proj_b), and the model still captions."""
     model, _ = load_model_and_processor(family_model, CPU, quantization=quantization)
+    family = model_family(family_model)
     language_model_linears = {name for name, module in model.named_modules()
                               if isinstance(module, torch.nn.Linear) and name.startswith("model.language_model.")}
-    assert quantized_layers(model) == language_model_linears and language_model_linears
+    kept = {name for name in language_model_linears if name.rsplit(".", 1)[-1] in family.not_quantized}
+    assert quantized_layers(model) == language_model_linears - kept and language_model_linears
+    assert bool(kept) == (family.name == "Qwen3.5")
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
     assert all(parameter.dtype == torch.float32 for parameter in model.model.visual.parameters())
+    image = Image.new("RGB", (family_side, family_side), "red")
+    text = family_processor.apply_chat_template(build_messages(image, "COCO Yes:"), add_generation_prompt=True,
+                                                tokenize=False)
+    inputs = family_processor(text=[text], images=[image], return_tensors="pt")
+    assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
 
 
 def test_training_s_4bit_model_keeps_the_vision_tower_and_head_in_the_run_s_precision(tiny_model):
@@ -130,6 +143,18 @@ def test_compare_and_demo_caption_with_a_4bit_base_and_the_adapter_switched_off(
     paths = trained_images(work).split(",")
     assert [(os.path.basename(path), caption) for path, caption in models.caption("fine_tuned", paths, 32, 4)] == LEARNT
     assert [caption for _, caption in models.caption("base", paths, 32, 4)] != [caption for _, caption in LEARNT]
+
+
+@pytest.mark.slow  # a minute
+def test_a_4bit_qwen35_base_learns_its_captions(work, tmp_path):
+    """Its linear attention's projections in 4 bits, the gates kept: the captions learnt exactly, in 4 bits."""
+    model = BUILDERS["qwen3_5"](str(tmp_path / "qwen35"))
+    one_thread = {"OMP_NUM_THREADS": "1"}  # the linear attention's reference path: far slower on two threads
+    check(run("train.py", f"--model={model}", "--quantization=4bit", "--output_dir=qlora35", *LEARNING,
+              "--image_size=64", "--dataloader_num_workers=0", cwd=work, env=one_thread))
+    check(run("infer.py", "--output_dir=qlora35", f"--images={trained_images(work)}", "--output_path=qwen35.jsonl",
+              cwd=work, env=one_thread))
+    assert captions_of(work / "qwen35.jsonl") == LEARNT
 
 
 def test_a_4bit_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(tiny_model, work):
