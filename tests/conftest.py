@@ -69,18 +69,26 @@ def tiny_model(tmp_path_factory):
     return str(built_once(tmp_path_factory, "tiny_qwen2vl", lambda folder: build_tiny_qwen2vl(str(folder))))
 
 
+LEARNING = ["--test_size=2", "--max_steps=150", "--learning_rate=5e-3", "--per_device_train_batch_size=2",
+            "--gradient_accumulation_steps=1", "--save_steps=1000", "--swanlab_mode=disabled"]
+
+
+def trained_on_the_colours(work, model, *settings, env=None):
+    """The first three steps on the colour photos of several shapes, train.py learning their captions (150 steps at
+    a high rate), with settings beside those (the later wins); train.py's finished run."""
+    check(run("data2csv.py", f"--source={make_imagefolder(work / 'source', shapes=PHOTO_SHAPES)}", cwd=work))
+    check(run("csv2json.py", cwd=work))
+    return check(run("train.py", f"--model={model}", *LEARNING, *settings, cwd=work, env=env))
+
+
 @pytest.fixture(scope="session")
 def colour_run(tiny_model, tmp_path_factory):
     """The first three steps run on the colour photos of several shapes, the tiny model trained 150 steps (it learns
     the captions): a folder with the data, output/Qwen2-VL-2B (checkpoints 100 and 150, the final adapter),
     a local SwanLab run and train.log, what train.py printed. Built once for every test file that needs it."""
     def steps(work):
-        check(run("data2csv.py", f"--source={make_imagefolder(work / 'source', shapes=PHOTO_SHAPES)}", cwd=work))
-        check(run("csv2json.py", cwd=work))
-        training = check(run(
-            "train.py", f"--model={tiny_model}", "--test_size=2", "--image_size=56", "--max_steps=150",
-            "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
-            "--logging_steps=10", "--save_steps=100", "--swanlab_mode", "local", "--save_total_limit", "5", cwd=work))
+        training = trained_on_the_colours(work, tiny_model, "--image_size=56", "--logging_steps=10", "--save_steps=100",
+                                          "--swanlab_mode", "local", "--save_total_limit", "5")
         (work / "train.log").write_text(training.stdout)
 
     return built_once(tmp_path_factory, "colour_run", steps)

@@ -92,7 +92,8 @@ def test_llama_cpp_captions_training_photos_of_every_shape_as_infer_does(exporte
         captioned = subprocess.run(
             [built_llama_cpp_tool(llama_cpp, "llama-mtmd-cli"), "-m", gguf_dir / "model-f16.gguf", "--mmproj",
              gguf_dir / "mmproj-f16.gguf", "--image", image, "-p", "COCO Yes:", "--jinja", "--temp", "0",
-             "-n", "16", "--image-min-tokens", "1", "--image-max-tokens", "4"], capture_output=True, text=True, timeout=300)
+             "-n", "16", "--image-min-tokens", "1", "--image-max-tokens", "4"],
+            capture_output=True, text=True, timeout=300)
         assert captioned.returncode == 0, captioned.stderr[-3000:]
         assert captioned.stdout.strip() == COLOR_CAPTIONS[color], color + captioned.stdout + captioned.stderr[-2000:]
 

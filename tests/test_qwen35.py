@@ -14,7 +14,7 @@ from captioning.chat import (NEVER_THINKS, TEMPLATE_ARGUMENTS, THINKS_ONLY_WHEN_
                              without_thinking_by_default)
 from captioning.errors import PipelineError
 from captioning.models import FAMILIES, model_family
-from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, built_llama_cpp_tool, check, make_imagefolder, run
+from conftest import COLOR_CAPTIONS, REPO, TRAINED, built_llama_cpp_tool, check, run, trained_on_the_colours
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the linear attention's reference path: far slower on two threads
 
@@ -90,12 +90,7 @@ def test_only_the_caption_and_its_end_are_supervised_after_the_non_thinking_prom
 def trained(qwen35_model, tmp_path_factory):
     """The tiny Qwen3.5 trained through the scripts on the colour photos of several shapes, and merged."""
     work = tmp_path_factory.mktemp("qwen35_run")
-    check(run("data2csv.py", f"--source={make_imagefolder(work / 'source', shapes=PHOTO_SHAPES)}", cwd=work))
-    check(run("csv2json.py", cwd=work))
-    check(run("train.py", f"--model={qwen35_model}", "--test_size=2", "--image_size=64", "--max_steps=150",
-              "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
-              "--save_steps=1000", "--swanlab_mode=disabled", "--dataloader_num_workers=0", cwd=work,
-              env=ONE_THREAD))
+    trained_on_the_colours(work, qwen35_model, "--image_size=64", "--dataloader_num_workers=0", env=ONE_THREAD)
     check(run("merge.py", cwd=work, env=ONE_THREAD))
     return work, [str(work / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED]
 

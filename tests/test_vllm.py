@@ -12,7 +12,7 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, REPO, TRAINED, check, make_imagefolder, run, serving
+from conftest import COLOR_CAPTIONS, REPO, TRAINED, check, run, serving, trained_on_the_colours
 from testkit.tiny_models import (TINY_VLLM_QWEN35_TEXT, TINY_VLLM_TEXT, TINY_VLLM_VISION, build_tiny_qwen2vl,
                                  build_tiny_qwen35)
 
@@ -52,11 +52,7 @@ def trained(tmp_path_factory):
     """A tiny model with heads of 32 that has learnt the colour captions, its adapter and its merged folder."""
     tmp_path = tmp_path_factory.mktemp("vllm")
     model = build_tiny_qwen2vl(str(tmp_path / "tiny"), text=TINY_VLLM_TEXT, vision=TINY_VLLM_VISION)
-    check(run("data2csv.py", f"--source={make_imagefolder(tmp_path / 'source', shapes=PHOTO_SHAPES)}", cwd=tmp_path))
-    check(run("csv2json.py", cwd=tmp_path))
-    check(run("train.py", f"--model={model}", "--test_size=2", "--image_size=56", "--max_steps=150",
-              "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
-              "--save_steps=1000", "--swanlab_mode=disabled", cwd=tmp_path))
+    trained_on_the_colours(tmp_path, model, "--image_size=56")
     check(run("merge.py", cwd=tmp_path))
     return tmp_path, model
 
@@ -149,12 +145,7 @@ def qwen35_trained(tmp_path_factory, qwen35_template):
     photos of several shapes, and its merged folder."""
     tmp_path = tmp_path_factory.mktemp("vllm_qwen35")
     model = build_tiny_qwen35(str(tmp_path / "tiny"), text=TINY_VLLM_QWEN35_TEXT, chat_template=qwen35_template)
-    check(run("data2csv.py", f"--source={make_imagefolder(tmp_path / 'source', shapes=PHOTO_SHAPES)}", cwd=tmp_path))
-    check(run("csv2json.py", cwd=tmp_path))
-    check(run("train.py", f"--model={model}", "--test_size=2", "--image_size=64", "--max_steps=150",
-              "--learning_rate=5e-3", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
-              "--save_steps=1000", "--swanlab_mode=disabled", "--dataloader_num_workers=0", cwd=tmp_path,
-              env=ONE_THREAD))
+    trained_on_the_colours(tmp_path, model, "--image_size=64", "--dataloader_num_workers=0", env=ONE_THREAD)
     check(run("merge.py", cwd=tmp_path, env=ONE_THREAD))
     return tmp_path
 
