@@ -124,12 +124,13 @@ def check(cfg):
         check=True).stdout.splitlines()[-1])
     if not cfg.dry_run and not results["machine"]["gpu"]:
         raise PipelineError("no GPU here: run with --dry_run=true on a CPU")
-    size = "small" if cfg.dry_run else "2b"
+    size, image_size = ("small", 112) if cfg.dry_run else ("2b", 280)  # dry: small enough to check the script only
     steps = Steps(cfg, results)
     with tempfile.TemporaryDirectory() as work:
         bench_json = os.path.join(work, "bench.json")
         bench = steps.run("bench", [sys.executable, os.path.join(REPO, "bench", "bench.py"), f"--model_size={size}",
-                                    f"--images={32 if cfg.dry_run else 128}", "--epochs=1", "--warmup_steps=1",
+                                    f"--images={16 if cfg.dry_run else 128}", f"--image_size={image_size}",
+                                    "--epochs=1", "--warmup_steps=1",
                                     "--caption_images=4", "--max_new_tokens=8", f"--output={bench_json}"], work)
         if bench:
             results["bench"].update(json.load(open(bench_json, encoding="utf-8")))
@@ -137,7 +138,7 @@ def check(cfg):
 
         from bench import SIZES, prepare  # bench.py beside this script: the benchmark's data and random-weight model of the same shape
 
-        data = SimpleNamespace(images=24 if cfg.dry_run else 64, image_size=280, model_size=size)
+        data = SimpleNamespace(images=24 if cfg.dry_run else 64, image_size=image_size, model_size=size)
         prepare(data, work)
         output_dir = os.path.join(work, "output")
         training = steps.run("train", [
