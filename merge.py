@@ -41,9 +41,9 @@ def main(argv=()):
     checkpoint_dir, run_config = trained_adapter(cfg.checkpoint, cfg.output_dir)
     merged_dir = cfg.merged_dir or merged_folder(cfg.output_dir)
 
-    from peft import PeftModel
-
     with hold(merged_dir):  # one merge into a folder at a time
+        from peft import PeftModel  # seconds to import: after the lock, so that a folder in use is named at once
+
         base = resolve_model(cfg.model or run_config["model"])
         print(f"merging {checkpoint_dir} into {base}")
         if run_config.get("quantization", "none") != "none":

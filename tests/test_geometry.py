@@ -10,7 +10,7 @@ from captioning.images import ImageGeometry, load_image, trained_geometry, uprig
 from captioning.served_files import pin_image_size, save_processor
 from captioning.models import model_family
 from captioning.training_samples import CaptionDataset
-from conftest import PHOTO_SHAPES, make_imagefolder, run
+from conftest import copy_of, run
 
 SHAPES = [(640, 480), (480, 640), (1000, 100), (100, 1000), (300, 300), (1, 1), (306, 306), (1920, 1080)]
 REFUSED = (5000, 20)  # a long side more than 200 times the short one
@@ -87,17 +87,17 @@ def test_the_recipe_s_square_stays_a_setting_and_older_runs_read_as_square():
     assert str(ImageGeometry(280, 28)) == "aspect ratio kept, at most 280x280 pixels"
 
 
-def test_the_recipe_s_square_still_trains_captions_and_records_itself(tiny_model, tmp_path):
-    for step in (("data2csv.py", f"--source={make_imagefolder(tmp_path / 'source', shapes=PHOTO_SHAPES)}"),
-                 ("csv2json.py",),
-                 ("train.py", f"--model={tiny_model}", "--aspect_ratio=square", "--image_size=56", "--max_steps=2",
+def test_the_recipe_s_square_still_trains_captions_and_records_itself(tiny_model, colour_run, tmp_path_factory):
+    work = copy_of(colour_run, tmp_path_factory, "square")  # its photos of several shapes and data_vl.json
+    for step in (("train.py", f"--model={tiny_model}", "--aspect_ratio=square", "--image_size=56", "--max_steps=2",
                   "--test_size=2", "--per_device_train_batch_size=2", "--gradient_accumulation_steps=1",
-                  "--swanlab_mode=disabled"),
-                 ("infer.py", f"--images={tmp_path / 'coco_2014_caption' / 'blue.jpg'}", "--max_new_tokens=4")):
-        result = run(*step, cwd=tmp_path)
+                  "--swanlab_mode=disabled", "--output_dir=square"),
+                 ("infer.py", f"--images={work / 'coco_2014_caption' / 'blue.jpg'}", "--max_new_tokens=4",
+                  "--output_dir=square")):
+        result = run(*step, cwd=work)
         assert result.returncode == 0, result.stderr[-3000:]
         if step[0] == "train.py":
             assert "warning: aspect_ratio=square: every image is squashed to 56x56 as the recipe does" in result.stdout
-    run_config = json.loads((tmp_path / "output" / "Qwen2-VL-2B" / "run_config.json").read_text())
+    run_config = json.loads((work / "square" / "run_config.json").read_text())
     assert run_config["aspect_ratio"] == "square" and trained_geometry(run_config) == ImageGeometry(56, 28, True)
     assert "images squashed to a square 56x56 pixels" in result.stdout  # infer.py says which geometry it uses
