@@ -175,6 +175,7 @@ def test_a_4bit_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(ti
     assert [step for step, _ in losses] == list(range(1, 9))
 
 
+@pytest.mark.slow  # half a minute; make test runs two processes without quantization (test_scale_out.py)
 def test_two_processes_under_torchrun_train_a_4bit_base_as_one_process_with_the_same_global_batch(tiny_model, work):
     args = [f"--model={tiny_model}", "--quantization=4bit", "--test_size=2", "--image_size=56", "--max_steps=4",
             "--save_steps=4", "--logging_steps=1", "--learning_rate=5e-3", "--gradient_accumulation_steps=1",
@@ -199,6 +200,7 @@ def test_dora_trains_on_a_4bit_base_with_checkpointing_and_merges_with_the_same_
         assert captions_of(work / f"{name}.jsonl") == LEARNT, name
 
 
+@pytest.mark.slow  # half a minute; make test trains, resumes and merges in 4 bits
 def test_an_8bit_base_trains_and_captions(tiny_model, work):
     check(run("train.py", f"--model={tiny_model}", "--quantization=8bit", "--output_dir=int8", *LEARNING, cwd=work))
     check(run("infer.py", "--output_dir=int8", "--quantization=8bit", f"--images={trained_images(work)}",
