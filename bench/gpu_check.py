@@ -129,7 +129,7 @@ def check(cfg):
     with tempfile.TemporaryDirectory() as work:
         bench_json = os.path.join(work, "bench.json")
         bench = steps.run("bench", [sys.executable, os.path.join(REPO, "bench", "bench.py"), f"--model_size={size}",
-                                    f"--images={16 if cfg.dry_run else 128}", f"--image_size={image_size}",
+                                    f"--images={32 if cfg.dry_run else 128}", f"--image_size={image_size}",
                                     "--epochs=1", "--warmup_steps=1",
                                     "--caption_images=4", "--max_new_tokens=8", f"--output={bench_json}"], work)
         if bench:
