@@ -37,10 +37,9 @@ def measure(folder, quantization):
     """(bytes of the base model's weights as held, of its LoRA adapter's weights) for one quantization."""
     from peft import LoraConfig, get_peft_model
 
-    from captioning.models import load_model_and_processor
+    from captioning.models import load_model_and_processor, model_family
     from captioning.precision import Compute
     from captioning.quantization import weight_bytes
-    from captioning.models import model_family
 
     model, _ = load_model_and_processor(folder, Compute("cpu", "bf16", "sdpa"), quantization=quantization)
     held, _ = weight_bytes(model)
