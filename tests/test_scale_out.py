@@ -206,24 +206,22 @@ def test_a_launcher_that_asked_for_two_cpu_processes_but_started_one_is_reported
     assert "runs alone" not in alone.stdout
 
 
-def two_process_resume_args(tiny_model, data_json, output_dir):
+def two_process_resume_args(model, data_json, output_dir):
     # 4 training images over 2 processes, one each: 2 steps an epoch, so checkpoint-3 falls in the middle of epoch 1,
     # whose second step pairs other images than epoch 0's (a resume that reused epoch 0's order went unnoticed in
     # epoch 2, whose second step pairs the same two images as epoch 0's, only swapped between the processes)
-    return [f"--model={tiny_model}", f"--json_path={data_json}", f"--output_dir={output_dir}", "--test_size=2",
+    return [f"--model={model}", f"--json_path={data_json}", f"--output_dir={output_dir}", "--test_size=2",
             "--num_train_epochs=12", "--save_steps=3", *COMMON]
 
 
-@pytest.mark.parametrize("order", [pytest.param("--group_by_length=true", marks=pytest.mark.slow),
-                                   "--group_by_length=false"])
-def test_two_processes_killed_mid_epoch_resume_to_the_losses_of_an_uninterrupted_run(
-        tmp_path, tiny_model, data_json, order):
-    uninterrupted = torchrun(*two_process_resume_args(tiny_model, data_json, tmp_path / "uninterrupted"), order,
+def killed_mid_epoch_and_resumed(model, data_json, tmp_path, *settings):
+    """Two processes trained uninterrupted, then killed after checkpoint-3 and resumed: the losses of both runs."""
+    uninterrupted = torchrun(*two_process_resume_args(model, data_json, tmp_path / "uninterrupted"), *settings,
                              cwd=tmp_path)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-5000:]
 
     output_dir = tmp_path / "out"
-    args = [*two_process_resume_args(tiny_model, data_json, output_dir), order]
+    args = [*two_process_resume_args(model, data_json, output_dir), *settings]
     launcher = start_and_wait_for(torchrun_command(*args), output_dir / "checkpoint-3" / "trainer_state.json",
                                   cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for process in [*psutil.Process(launcher.pid).children(recursive=True), launcher]:  # each in its own session
@@ -237,10 +235,28 @@ def test_two_processes_killed_mid_epoch_resume_to_the_losses_of_an_uninterrupted
     resumed = torchrun(*args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert f"resuming the interrupted run from {output_dir}/checkpoint-3" in resumed.stdout
-    step, losses = logged_losses(output_dir)
-    expected_step, expected_losses = logged_losses(tmp_path / "uninterrupted")
+    return logged_losses(output_dir), logged_losses(tmp_path / "uninterrupted")
+
+
+@pytest.mark.parametrize("order", [pytest.param("--group_by_length=true", marks=pytest.mark.slow),
+                                   "--group_by_length=false"])
+def test_two_processes_killed_mid_epoch_resume_to_the_losses_of_an_uninterrupted_run(
+        tmp_path, tiny_model, data_json, order):
+    (step, losses), (expected_step, expected_losses) = killed_mid_epoch_and_resumed(tiny_model, data_json, tmp_path,
+                                                                                    order)
     assert step == expected_step == 24
     assert losses == pytest.approx(expected_losses, abs=1e-5)  # step for step: same data order, optimizer and schedule
+
+
+@pytest.mark.slow  # a minute: Qwen3.5's linear attention in its reference path
+def test_qwen35_in_two_processes_killed_mid_epoch_resumes_to_the_losses_of_an_uninterrupted_run(
+        tmp_path, qwen35_model, data_json):
+    """The family whose language model mixes linear and full attention saves and resumes as the others do (torchrun
+    gives each process one thread, as its linear attention wants)."""
+    (step, losses), (expected_step, expected_losses) = killed_mid_epoch_and_resumed(qwen35_model, data_json, tmp_path,
+                                                                                    "--image_size=64")
+    assert step == expected_step == 24
+    assert losses == pytest.approx(expected_losses, abs=1e-5)
 
 
 def test_processes_that_read_different_free_memory_take_one_cache_plan_and_train_alike(
