@@ -37,7 +37,15 @@ PHOTO_SHAPES = {"red": (64, 48), "green": (48, 96), "blue": (160, 40), "yellow":
                 "black": (30, 90)}
 
 
+# The longest chains of tests, each in one process (make test keeps a file's tests together): vLLM's environment and
+# engines, and building llama-mtmd-cli. Begun first, the other process runs the rest meanwhile instead of waiting idle
+# for them at the end.
+LONGEST_FIRST = ["test_vllm.py", "test_qwen35.py"]
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST else
+               len(LONGEST_FIRST))  # a stable sort: the others keep their order
     if os.environ.get("SLOW_TESTS") == "1":
         return
     skip = pytest.mark.skip(reason="slow (a minute or more): run with SLOW_TESTS=1 make test, as .ci/run does")
