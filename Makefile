@@ -4,8 +4,9 @@
 PYTHON ?= python3
 SOURCE ?= auto  # data2csv.py's source: auto (modelscope, else coco) | modelscope | coco | hf:<dataset id> | a local imagefolder
 TRAIN_ARGS ?=         # extra train.py settings, e.g. TRAIN_ARGS="--num_train_epochs=1"
-# two test processes of one thread each (a machine of 2 cores), a test file's tests in one of them; the slowest shown
-PYTEST_ARGS ?= -n 2 --dist loadscope --durations=15
+# two test processes of one thread each (a machine of 2 cores), a test file's tests in one of them, in the order that
+# tests/conftest.py gives (the longest first); the slowest shown
+PYTEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder --durations=15
 VENV := .venv
 BIN := $(VENV)/bin
 
