@@ -103,14 +103,11 @@ def test_infer_s_vllm_engine_writes_the_file_its_transformers_engine_writes(trai
     infer = os.path.join(REPO, "infer.py")
     result = infer_with_vllm(infer, *captioning, "--engine=vllm", "--output_path=vllm.jsonl", cwd=tmp_path)
     assert "skipped 1 images:" in result.stdout and (tmp_path / "vllm.jsonl").read_text().splitlines() == expected
-    # the merged folder (no adapter), and two processes under torchrun, each with its own engine
-    infer_with_vllm(infer, *captioning, "--engine=vllm", "--model=output/Qwen2-VL-2B-merged",
-                    "--output_path=merged.jsonl", cwd=tmp_path)
+    # the merged folder (no adapter) in two processes under torchrun, each with its own engine
+    infer_with_vllm("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", infer, *captioning,
+                    "--engine=vllm", "--model=output/Qwen2-VL-2B-merged", "--output_path=merged.jsonl", cwd=tmp_path)
     assert [json.loads(line)["caption"] for line in (tmp_path / "merged.jsonl").read_text().splitlines()] == [
         json.loads(line)["caption"] for line in expected]
-    infer_with_vllm("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", infer, *captioning,
-                    "--engine=vllm", "--output_path=two.jsonl", cwd=tmp_path)
-    assert (tmp_path / "two.jsonl").read_text().splitlines() == expected
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +154,7 @@ def test_vllm_gives_qwen35_s_trained_captions_merged_and_as_base_and_adapter_wit
     tmp_path = qwen35_trained
     photos = [str(tmp_path / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED]
     captioning = [f"--images={','.join(photos)}", "--max_new_tokens=16"]
-    check(run("infer.py", *captioning, "--output_path=transformers.jsonl", cwd=tmp_path, env=ONE_THREAD))
-    expected = [json.loads(line)["caption"] for line in (tmp_path / "transformers.jsonl").read_text().splitlines()]
-    assert expected == [COLOR_CAPTIONS[color] for color in TRAINED]
+    expected = [COLOR_CAPTIONS[color] for color in TRAINED]  # what infer.py gives a trained Qwen3.5 (test_qwen35.py)
 
     # vLLM's CPU build runs Qwen3.5's linear attention in bf16 only (it asserts so)
     merged = caption_with_vllm(tmp_path / "output" / "Qwen2-VL-2B-merged", photos, "--dtype=bfloat16")
