@@ -173,7 +173,6 @@ def test_the_benchmark_builds_each_family_s_published_shape(size, parameters, mo
     assert sum(parameter.numel() for parameter in built[0].parameters()) == pytest.approx(parameters, rel=1e-3)
 
 
-@pytest.mark.slow  # a minute and a half
 @pytest.mark.slow  # two minutes: the benchmark end to end (its paths compared), then train.py and infer.py
 def test_the_gpu_check_runs_dry_on_a_cpu(tmp_path):
     from conftest import run
