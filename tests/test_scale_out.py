@@ -214,8 +214,8 @@ def two_process_resume_args(model, data_json, output_dir):
             "--num_train_epochs=12", "--save_steps=3", *COMMON]
 
 
-def killed_mid_epoch_and_resumed(model, data_json, tmp_path, *settings):
-    """Two processes trained uninterrupted, then killed after checkpoint-3 and resumed: the losses of both runs."""
+def resumes_to_the_uninterrupted_losses(model, data_json, tmp_path, *settings):
+    """Two processes trained uninterrupted, then killed after checkpoint-3 and resumed: the same 24 losses."""
     uninterrupted = torchrun(*two_process_resume_args(model, data_json, tmp_path / "uninterrupted"), *settings,
                              cwd=tmp_path)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-5000:]
@@ -235,17 +235,17 @@ def killed_mid_epoch_and_resumed(model, data_json, tmp_path, *settings):
     resumed = torchrun(*args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert f"resuming the interrupted run from {output_dir}/checkpoint-3" in resumed.stdout
-    return logged_losses(output_dir), logged_losses(tmp_path / "uninterrupted")
+    step, losses = logged_losses(output_dir)
+    expected_step, expected_losses = logged_losses(tmp_path / "uninterrupted")
+    assert step == expected_step == 24
+    assert losses == pytest.approx(expected_losses, abs=1e-5)  # step for step: same data order, optimizer and schedule
 
 
 @pytest.mark.parametrize("order", [pytest.param("--group_by_length=true", marks=pytest.mark.slow),
                                    "--group_by_length=false"])
 def test_two_processes_killed_mid_epoch_resume_to_the_losses_of_an_uninterrupted_run(
         tmp_path, tiny_model, data_json, order):
-    (step, losses), (expected_step, expected_losses) = killed_mid_epoch_and_resumed(tiny_model, data_json, tmp_path,
-                                                                                    order)
-    assert step == expected_step == 24
-    assert losses == pytest.approx(expected_losses, abs=1e-5)  # step for step: same data order, optimizer and schedule
+    resumes_to_the_uninterrupted_losses(tiny_model, data_json, tmp_path, order)
 
 
 @pytest.mark.slow  # a minute: Qwen3.5's linear attention in its reference path
@@ -253,10 +253,7 @@ def test_qwen35_in_two_processes_killed_mid_epoch_resumes_to_the_losses_of_an_un
         tmp_path, qwen35_model, data_json):
     """The family whose language model mixes linear and full attention saves and resumes as the others do (torchrun
     gives each process one thread, as its linear attention wants)."""
-    (step, losses), (expected_step, expected_losses) = killed_mid_epoch_and_resumed(qwen35_model, data_json, tmp_path,
-                                                                                    "--image_size=64")
-    assert step == expected_step == 24
-    assert losses == pytest.approx(expected_losses, abs=1e-5)
+    resumes_to_the_uninterrupted_losses(qwen35_model, data_json, tmp_path, "--image_size=64")
 
 
 def test_processes_that_read_different_free_memory_take_one_cache_plan_and_train_alike(
