@@ -1,5 +1,5 @@
-"""Step 3: LoRA fine-tune Qwen2-VL-2B-Instruct (or a Qwen2.5-VL or Qwen3-VL model) on the conversation JSON, with
-SwanLab watching.
+"""Step 3: LoRA fine-tune Qwen2-VL-2B-Instruct (or a Qwen2.5-VL, Qwen3-VL or Qwen3.5 model) on the conversation
+JSON, with SwanLab watching.
 
     python train.py                                    # recipe defaults: 2 epochs, batch 4 x 4, lr 1e-4
     python train.py --model path/to/Qwen2-VL-2B-Instruct --swanlab_mode disabled --warmup_steps 0.03
@@ -36,7 +36,7 @@ from captioning.training_samples import CaptionCollator, CaptionDataset
 # they are used, so that --help answers at once
 
 # ----------------------------------------------------------------------------- settings
-model = "Qwen/Qwen2-VL-2B-Instruct"  # a Qwen2-VL, Qwen2.5-VL or Qwen3-VL: hub id (ModelScope, into ./Qwen/...) or folder
+model = "Qwen/Qwen2-VL-2B-Instruct"  # a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5: hub id (ModelScope, into ./Qwen/...) or folder
 json_path = "data_vl.json"  # written by csv2json.py
 output_dir = "output/Qwen2-VL-2B"  # the same in every script: --help
 test_size = 4  # distinct images held out for testing, taken from the end of the data
@@ -51,7 +51,7 @@ lora_alpha = 16
 lora_dropout = 0.05
 use_dora = False  # DoRA (peft's weight-decomposed LoRA) instead of plain LoRA: merges alike, each step costs more
 quantization = "none"  # the same in every script: --help
-image_size = 0  # images are resized to at most this squared in pixels, in training and inference; 0: 280 (Qwen2/2.5-VL), 288 (Qwen3-VL)
+image_size = 0  # images are resized to at most this squared in pixels, in training and inference; 0: 280 (Qwen2-VL, Qwen2.5-VL), 288 (Qwen3-VL, Qwen3.5)
 aspect_ratio = "keep"  # keep: each photo keeps its shape, as serving engines resize it | square: squashed to image_size x image_size, as the recipe
 max_length = 8192  # samples with more tokens are skipped, never cut through their image tokens
 logging_steps = 10

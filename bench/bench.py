@@ -36,7 +36,7 @@ from captioning.settings import parse_settings  # noqa: E402
 
 # ----------------------------------------------------------------------------- settings
 images = 496  # training images at image_size x image_size, as in the recipe's published run
-image_size = 0  # 0: the model family's default, 280 (Qwen2-VL, Qwen2.5-VL) or 288 (Qwen3-VL)
+image_size = 0  # 0: the model family's default, 280 (Qwen2-VL, Qwen2.5-VL) or 288 (Qwen3-VL, Qwen3.5)
 epochs = 2  # training runs the recipe's 2 epochs over the images
 warmup_steps = 2  # optimizer steps left out of the timing
 caption_images = 16

@@ -36,7 +36,7 @@ memory_images = "1000,10000"  # photos of the runs whose peak memory is measured
 max_new_tokens = 16
 batch_size = 16
 model_size = "auto"  # auto: 2b on CUDA, small on CPU | bench.py's SIZES
-vllm_python = "auto"  # a Python that has vLLM | auto: this one if it has vLLM, else .venv/vllm's | none: skip vLLM
+vllm_python = "auto"  # a Python that has vLLM | auto: this one if it has vLLM, else the tests' (testkit/outside_tools.py) | none: skip vLLM
 output = "bench/collection_results.json"
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
@@ -96,8 +96,9 @@ def python_with_vllm(setting):
 
     if importlib.util.find_spec("vllm"):
         return sys.executable
-    candidate = os.path.join(sys.prefix, "vllm", "bin", "python")  # tests/test_vllm.py builds it
-    return candidate if os.path.isfile(candidate) else None
+    from testkit.outside_tools import cached_vllm_python
+
+    return cached_vllm_python()
 
 
 def main(argv=()):

@@ -4,7 +4,6 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image, ImageColor
 
 from testkit.file_server import FileServer
+from testkit.outside_tools import llama_cpp_source
 from testkit.tiny_models import BUILDERS, build_tiny_qwen2vl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,16 +140,9 @@ def one_thread_for_linear_attention(request):
 
 @pytest.fixture(scope="session")
 def llama_cpp():
-    """llama.cpp's source as export_gguf.py gets it (pip download, checked, unpacked), kept in the environment: its
-    converter, its tools, and the official chat templates it carries."""
-    from filelock import FileLock
-
-    from export_gguf import llama_cpp_source
-
-    folder = os.path.join(sys.prefix, "llama-cpp-python")
-    os.makedirs(folder, exist_ok=True)
-    with FileLock(folder + ".lock"):  # make test's other process may be fetching it
-        return llama_cpp_source(folder)
+    """llama.cpp's source as export_gguf.py gets it: its converter, its tools' source, and the official chat templates
+    it carries."""
+    return llama_cpp_source()
 
 
 @pytest.fixture(scope="session")
@@ -178,25 +171,6 @@ def family_side(family_model):
     from captioning.models import model_family
 
     return 2 * model_family(family_model).side_multiple
-
-
-def built_llama_cpp_tool(llama_cpp, tool):
-    """llama.cpp's llama-mtmd-cli or llama-server, built from the same source as the converter into one build folder
-    (the two share its libraries): the server without its web page, whose prebuilt files would be downloaded. One
-    test process builds at a time: make test's other one may want a tool from the same folder."""
-    from filelock import FileLock
-
-    build = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(llama_cpp))), "build")
-    binary = os.path.join(build, "bin", tool)
-    with FileLock(build + ".lock"):
-        if not os.path.isfile(binary):
-            subprocess.run(["cmake", "-S", llama_cpp, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
-                            "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                            "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"],
-                           check=True, capture_output=True)
-            subprocess.run(["cmake", "--build", build, "--target", tool, f"-j{os.cpu_count()}"], check=True,
-                           capture_output=True)
-    return binary
 
 
 def chromium():
@@ -257,16 +231,6 @@ def check(result):
     """result, a finished script, asserted to have succeeded (its output shown when not)."""
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
-
-
-def transformers_release(spec):
-    """A folder holding another transformers release (spec: a pip requirement) and its dependencies, installed once
-    from PyPI; put it first on PYTHONPATH to run a client with it beside this environment's torch."""
-    folder = os.path.join(sys.prefix, "other-transformers", re.sub(r"[^\w.]+", "_", spec))
-    if not os.path.isfile(os.path.join(folder, ".installed")):
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", folder, spec], check=True)
-        open(os.path.join(folder, ".installed"), "w").close()
-    return folder
 
 
 def make_imagefolder(folder, captions=COLOR_CAPTIONS, size=(64, 48), shapes=None):

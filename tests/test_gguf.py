@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, built_llama_cpp_tool, check, make_imagefolder, run, serving
+from conftest import COLOR_CAPTIONS, PHOTO_SHAPES, check, make_imagefolder, run, serving
+from testkit.outside_tools import llama_cpp_tool
 from testkit.tiny_models import BUILDERS
 
 PROJECTORS = {"qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
@@ -90,7 +91,7 @@ def test_llama_cpp_captions_training_photos_of_every_shape_as_infer_does(exporte
         assert f"{image}: {COLOR_CAPTIONS[color]}" in inferred.stdout
     for image, color in zip(images, COLORS):  # with the token bounds export_gguf.py prints
         captioned = subprocess.run(
-            [built_llama_cpp_tool(llama_cpp, "llama-mtmd-cli"), "-m", gguf_dir / "model-f16.gguf", "--mmproj",
+            [llama_cpp_tool("llama-mtmd-cli"), "-m", gguf_dir / "model-f16.gguf", "--mmproj",
              gguf_dir / "mmproj-f16.gguf", "--image", image, "-p", "COCO Yes:", "--jinja", "--temp", "0",
              "-n", "16", "--image-min-tokens", "1", "--image-max-tokens", "4"],
             capture_output=True, text=True, timeout=300)
@@ -102,7 +103,7 @@ def test_llama_cpp_captions_training_photos_of_every_shape_as_infer_does(exporte
 def llama_server(exported, llama_cpp):
     """llama-server on the exported GGUF and mmproj with training's token bounds, on 127.0.0.1, started once."""
     work, gguf_dir = exported
-    binary = built_llama_cpp_tool(llama_cpp, "llama-server")
+    binary = llama_cpp_tool("llama-server")
     with serving(lambda port: [binary, "-m", gguf_dir / "model-f16.gguf", "--mmproj", gguf_dir / "mmproj-f16.gguf",
                                "--image-min-tokens", "1", "--image-max-tokens", "4", "--host", "127.0.0.1",
                                "--port", str(port)], "/health", work / "llama_server.log", timeout=300) as url:
@@ -115,7 +116,7 @@ def test_verify_asks_llama_server_over_http_and_llama_mtmd_cli_and_both_give_inf
     """Photos of three shapes sent to llama-server as base64 data URLs, and given to llama-mtmd-cli, by verify.py."""
     work, gguf_dir = exported
     images = ",".join(str(work / "coco_2014_caption" / f"{color}.jpg") for color in COLORS)
-    cli = built_llama_cpp_tool(llama_cpp, "llama-mtmd-cli")
+    cli = llama_cpp_tool("llama-mtmd-cli")
     result = check(run("verify.py", f"--images={images}", "--max_new_tokens=16", "--report_dir=verified",
                        f"--server={llama_server}", f"--llama_mtmd_cli={cli}", f"--gguf_dir={gguf_dir}", cwd=work))
     rows = {row["engine"]: row for row in json.loads((work / "verified" / "verify.json").read_text())["engines"]}

@@ -14,8 +14,8 @@ from PIL import Image
 
 import train
 from captioning.settings import parse_settings
-from conftest import (REPO, COLOR_CAPTIONS, TRAINED, check, chromium, copy_of, make_imagefolder, run,
-                      transformers_release)
+from conftest import REPO, COLOR_CAPTIONS, TRAINED, check, chromium, copy_of, make_imagefolder, run
+from testkit.outside_tools import OLDER_TRANSFORMERS, transformers_release
 from testkit.tiny_models import BUILDERS
 
 
@@ -261,7 +261,7 @@ def test_verify_catches_a_model_served_without_its_training(trained_run, tiny_mo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", ["transformers==4.57.*", "transformers>=5.16.1,<5.21"], ids=["4.57", "vLLM's pin"])
+@pytest.mark.parametrize("spec", OLDER_TRANSFORMERS, ids=["4.57", "vLLM's pin"])
 def test_merged_model_captions_full_size_images_in_older_transformers(trained_run, merged_dir, spec):
     work, _ = trained_run
     photos = [str(work / "coco_2014_caption" / f"{color}.jpg") for color in TRAINED]

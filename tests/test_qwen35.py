@@ -14,7 +14,8 @@ from captioning.chat import (NEVER_THINKS, TEMPLATE_ARGUMENTS, THINKS_ONLY_WHEN_
                              without_thinking_by_default)
 from captioning.errors import PipelineError
 from captioning.models import FAMILIES, model_family
-from conftest import COLOR_CAPTIONS, REPO, TRAINED, built_llama_cpp_tool, check, run, trained_on_the_colours
+from conftest import COLOR_CAPTIONS, REPO, TRAINED, check, run, trained_on_the_colours
+from testkit.outside_tools import llama_cpp_tool
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the linear attention's reference path: far slower on two threads
 
@@ -146,7 +147,7 @@ def test_llama_mtmd_cli_captions_the_qwen35_gguf_as_infer_does(trained, exported
     work, photos = trained
     gguf_dir, exporting = exported
     [bounds] = re.findall(r"--jinja --temp 0 (--image-min-tokens \d+ --image-max-tokens \d+)", exporting)
-    cli = built_llama_cpp_tool(llama_cpp, "llama-mtmd-cli")
+    cli = llama_cpp_tool("llama-mtmd-cli")
     for color, photo in zip(TRAINED, photos):
         captioned = subprocess.run([cli, "-m", gguf_dir / "model-f16.gguf", "--mmproj", gguf_dir / "mmproj-f16.gguf",
                                     "--image", photo, "-p", "COCO Yes:", "--jinja", "--temp", "0", "-n", "16",

