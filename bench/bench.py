@@ -513,7 +513,8 @@ def main(argv=()):
         cfg.work_dir = folder
         print(f"preparing {cfg.images} images at {cfg.image_size}x{cfg.image_size} and a {cfg.model_size} model")
         prepare(cfg, folder)
-        results = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+        results = {"date": time.strftime("%Y-%m-%d"),
+                   "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
                                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
                    "settings": {key: getattr(cfg, key) for key in ("images", "image_size", "epochs",
