@@ -4,7 +4,7 @@ so it is built once per machine into the user's cache folder, keyed by the exact
 every later clone and test run reuses it. A build is made under a temporary name and renamed when complete: one that
 was killed mid-way is never used, and the next build starts afresh. A user's install never needs any of this.
 
-    .venv/bin/python -m testkit.outside_tools     # build them all now (.ci/run starts it beside the plain tests)
+    .venv/bin/python -m testkit.outside_tools     # build them all now (.ci/run starts it beside the tests)
 """
 import glob
 import hashlib
@@ -146,12 +146,15 @@ OLDER_TRANSFORMERS = ["transformers==4.57.*", "transformers>=5.16.1,<5.21"]  # 4
 
 
 def main():
-    """Build every tool now, each as the tests will ask for it, and say where they are."""
-    print("vLLM:", vllm_python(), flush=True)
-    for tool in LLAMA_CPP_TOOLS:
-        print(f"{tool}:", llama_cpp_tool(tool), flush=True)
-    for spec in OLDER_TRANSFORMERS:
-        print(f"{spec}:", transformers_release(spec), flush=True)
+    """Build every tool now, as the tests will ask for it, side by side: vLLM's environment is mostly downloading,
+    llama.cpp's tools compiling. Says where each is."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    builds = {"vLLM": vllm_python, **{tool: lambda tool=tool: llama_cpp_tool(tool) for tool in LLAMA_CPP_TOOLS},
+              **{spec: lambda spec=spec: transformers_release(spec) for spec in OLDER_TRANSFORMERS}}
+    with ThreadPoolExecutor(len(builds)) as pool:
+        for name, built in zip(builds, [pool.submit(build) for build in builds.values()]):
+            print(f"{name}: {built.result()}", flush=True)
 
 
 if __name__ == "__main__":
