@@ -457,7 +457,7 @@ def table(results):
         rows += [(f"training: peak GPU memory {kind} (MB)", training["recipe"][f"peak_gpu_{kind}_mb"],
                   training["project"][f"peak_gpu_{kind}_mb"], "") for kind in ("allocated", "reserved")]
         rows.append(("training: MFU (counted FLOPs)", training["recipe"]["mfu"], training["project"]["mfu"], ""))
-    rows.append(("captioning: images/s (one at a time | batched)", caption["one_at_a_time"]["images_per_s"],
+    rows.append(("captioning: images/s (one at a time / batched)", caption["one_at_a_time"]["images_per_s"],
                  caption["batched"]["images_per_s"],
                  ratio(caption["batched"]["images_per_s"], caption["one_at_a_time"]["images_per_s"])))
     rows.append(("captioning: images and prompts only (s)", caption["one_at_a_time"]["first_token_seconds"],
