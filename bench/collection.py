@@ -36,7 +36,7 @@ memory_images = "1000,10000"  # photos of the runs whose peak memory is measured
 max_new_tokens = 16
 batch_size = 16
 model_size = "auto"  # auto: 2b on CUDA, small on CPU | bench.py's SIZES
-vllm_python = "auto"  # a Python that has vLLM | auto: this one if it has vLLM, else the tests' (testkit/outside_tools.py) | none: skip vLLM
+vllm_python = "auto"  # a Python that has vLLM | auto: this one if it has vLLM, else the tests' (~/.cache) | none: skip
 output = "bench/collection_results.json"
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------

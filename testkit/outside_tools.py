@@ -67,7 +67,7 @@ VLLM_KEY = {"python": PYTHON_VERSION, "packages": [VLLM, *VLLM_TORCH]}
 
 
 def vllm_python():
-    """The Python of a virtual environment holding vLLM's CPU build (about 6 minutes and 6 GB to build)."""
+    """The Python of a virtual environment holding vLLM's CPU build (minutes to build, mostly downloading; 6 GB)."""
     def build(folder):
         python = os.path.join(folder, "bin", "python")
         pip = [python, "-m", "pip", "--quiet"]
