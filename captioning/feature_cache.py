@@ -123,18 +123,27 @@ def encode_images(model, processor, dataset, batch_size, folder, num_processes=1
                                                        for number in chunk], return_tensors="pt")
             encoded = base_model.get_image_features(pixels["pixel_values"].to(device),
                                                     pixels["image_grid_thw"].to(device))
-            deepstack = getattr(encoded, "deepstack_features", None) or []  # Qwen3-VL: [layer][image]
-            for position, number in enumerate(chunk):
+            for number, image_rows in zip(chunk, feature_rows(encoded)):
                 start, rows = offsets[paths[number]]
-                features[start:start + rows] = torch.stack([encoded.pooler_output[position],
-                                                            *(layer[position] for layer in deepstack)], dim=1).cpu()
+                features[start:start + rows] = image_rows.cpu()
             progress.update(len(chunk))
     if num_processes > 1:
         torch.distributed.barrier()  # every share written
-    deepstack = features.shape[1] > 1
-    return {path: {"image_features": features[start:start + rows, 0],
-                   **({"image_deepstack_features": features[start:start + rows, 1:]} if deepstack else {})}
-            for path, (start, rows) in offsets.items()}
+    return {path: sample_features(features[start:start + rows]) for path, (start, rows) in offsets.items()}
+
+
+def feature_rows(encoded):
+    """Each image's vision features from get_image_features as one (image tokens, layers, width) tensor: the last
+    vision layer, then Qwen3-VL's deepstack layers."""
+    deepstack = getattr(encoded, "deepstack_features", None) or []  # Qwen3-VL: [layer][image]
+    return [torch.stack([pooled, *(layer[position] for layer in deepstack)], dim=1)
+            for position, pooled in enumerate(encoded.pooler_output)]
+
+
+def sample_features(rows):
+    """One image's feature rows as a sample's image_features (and image_deepstack_features), as the collator takes
+    them."""
+    return {"image_features": rows[:, 0], **({"image_deepstack_features": rows[:, 1:]} if rows.shape[1] > 1 else {})}
 
 
 def pass_cached_image_features(batch, family):

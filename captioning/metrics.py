@@ -65,6 +65,15 @@ def tokenize_all(captions_by_id, use_java):
         )
 
 
+def cider_d(references, candidates, use_java):
+    """CIDEr-D alone of candidates {id: caption} against references {id: [captions]}, as score_captions gives it."""
+    from pycocoevalcap.cider.cider import Cider
+
+    score, _ = Cider().compute_score(tokenize_all(references, use_java),
+                                     tokenize_all({key: [caption] for key, caption in candidates.items()}, use_java))
+    return float(score)
+
+
 def score_captions(references, candidates, use_java, description="scoring", spice=False):
     """COCO caption metrics of candidates {id: caption} against references {id: [captions]}, as pycocoevalcap
     computes them. Returns ({metric: value or None}, {metric: why it was skipped})."""
