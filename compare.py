@@ -1,10 +1,11 @@
-"""Measure caption quality: the base model and the fine-tuned adapter on the same images, side by side.
+"""Measure caption quality: the base model and the fine-tuned adapter on the same images, side by side (with a
+train_rl.py run, train.py's adapter it started from between them).
 
     python compare.py                                  # the held-out test images of training
     python compare.py --eval_json=data_vl_val.json     # a larger evaluation set (see README: COCO val2014)
 
 Captions every image with the base model and with the adapter (same prompt, image size and greedy decoding),
-scores both against all reference captions of each image with the COCO caption metrics (pycocoevalcap: BLEU-1..4,
+scores each against all reference captions of each image with the COCO caption metrics (pycocoevalcap: BLEU-1..4,
 METEOR, ROUGE-L, CIDEr-D, SPICE), prints a table, and writes metrics.json and a self-contained report.html.
 """
 import hashlib
@@ -48,6 +49,8 @@ debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
 
 MODELS = {"base": "base model", "fine_tuned": "fine-tuned"}
+# a train_rl.py run: train.py's adapter it started from between the base model and it
+MODELS_OF_AN_RL_RUN = {"base": "base model", "started_from": "train.py", "fine_tuned": "train_rl.py"}
 
 
 # ----------------------------------------------------------------------------- evaluation set
@@ -86,57 +89,60 @@ def refuse_training_images(eval_images, train_json):
 
 # ----------------------------------------------------------------------------- report
 
-def metrics_table(metrics, skipped, approximate=None):
+def metrics_table(models, metrics, skipped, approximate=None):
     width = max(map(len, METRICS))
-    lines = [f"{'metric':<{width}}  {MODELS['base']:>12}  {MODELS['fine_tuned']:>12}"]
+    lines = [f"{'metric':<{width}}  " + "  ".join(f"{label:>12}" for label in models.values())]
     for name in METRICS:
         cells = [f"{metrics[key][name]:12.4f}" if metrics[key][name] is not None else f"{'skipped':>12}"
-                 for key in MODELS]
+                 for key in models]
         lines.append(f"{name:<{width}}  {'  '.join(cells)}" + (f"  ({skipped[name]})" if name in skipped else ""))
     return "\n".join(lines + ([f"scores {approximate}"] if approximate else []))
 
 
-def html_report(rows, metrics, skipped, title, approximate=None):
-    """One self-contained page: the metrics table, then each image with its references and both captions."""
+def html_report(models, rows, metrics, skipped, title, approximate=None):
+    """One self-contained page: the metrics table, then each image with its references and each model's caption."""
     escape = html.escape
     metric_rows = "".join(
         f"<tr><th>{name}</th>" + "".join(
             f"<td>{metrics[key][name]:.4f}</td>" if metrics[key][name] is not None
-            else f"<td class='skipped' title='{escape(skipped.get(name, ''))}'>skipped</td>" for key in MODELS)
+            else f"<td class='skipped' title='{escape(skipped.get(name, ''))}'>skipped</td>" for key in models)
         + "</tr>" for name in METRICS)
     image_rows = "".join(
         f"<tr class='image-row'><td><img src='{row['thumbnail']}' alt='{escape(row['image_path'])}'>"
         f"<div class='path'>{escape(row['image_path'])}</div></td>"
         f"<td><ul>{''.join(f'<li>{escape(ref)}</li>' for ref in row['references'])}</ul></td>"
-        f"<td>{caption_cell(row['base'])}</td><td>{caption_cell(row['fine_tuned'])}</td></tr>" for row in rows)
+        + "".join(f"<td>{caption_cell(row[key])}</td>" for key in models) + "</tr>" for row in rows)
     notes = "".join(f"<li>{escape(name)} skipped: {escape(reason)}</li>" for name, reason in skipped.items())
     if approximate:
         notes = f"<li class='approximate'>Scores are {escape(approximate)}.</li>" + notes
+    headers = "".join(f"<th>{escape(label)}</th>" for label in models.values())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>
 <style>{PAGE_STYLE}</style></head><body>
 <h1>{escape(title)}</h1>
-<table id="metrics"><thead><tr><th>metric</th><th>{MODELS['base']}</th><th>{MODELS['fine_tuned']}</th></tr></thead>
+<table id="metrics"><thead><tr><th>metric</th>{headers}</tr></thead>
 <tbody>{metric_rows}</tbody></table>
 <ul class="notes">{notes}</ul>
-<table id="captions"><thead><tr><th>image</th><th>references</th><th>{MODELS['base']}</th><th>{MODELS['fine_tuned']}</th>
-</tr></thead><tbody>{image_rows}</tbody></table>
+<table id="captions"><thead><tr><th>image</th><th>references</th>{headers}</tr></thead>
+<tbody>{image_rows}</tbody></table>
 </body></html>
 """
 
 
 # ----------------------------------------------------------------------------- main
 
-def caption_with_both_models(cfg, compute, checkpoint_dir, paths):
-    """({"base": {path: caption}, "fine_tuned": ...}, seconds each took)."""
-    models = BaseAndFineTuned(cfg.model, checkpoint_dir, cfg.output_dir, compute, cfg.quantization)
+def caption_with_each_model(cfg, compute, checkpoint_dir, paths):
+    """({"base": {path: caption}, "fine_tuned": ...}, seconds each took, {key: label} of the models): with a
+    train_rl.py adapter, train.py's adapter it started from too."""
+    loaded = BaseAndFineTuned(cfg.model, checkpoint_dir, cfg.output_dir, compute, cfg.quantization)
+    models = MODELS_OF_AN_RL_RUN if loaded.started_from else MODELS
     captions, seconds = {}, {}
-    for key, label in MODELS.items():
+    for key, label in models.items():
         start = time.perf_counter()
-        captions[key] = dict(models.caption(key, paths, cfg.max_new_tokens, cfg.batch_size,
+        captions[key] = dict(loaded.caption(key, paths, cfg.max_new_tokens, cfg.batch_size,
                                             description=f"captioning with the {label}"))
         seconds[key] = time.perf_counter() - start
-    return captions, seconds
+    return captions, seconds, models
 
 
 def main(argv=()):
@@ -151,7 +157,7 @@ def main(argv=()):
 
 
 def evaluate(cfg, compute, mode, checkpoint_dir, run_config, report_dir):
-    """Caption the evaluation images with both models, score them, and write the table, metrics.json and report."""
+    """Caption the evaluation images with each model, score them, and write the table, metrics.json and report."""
     eval_json = cfg.eval_json or run_config["test_json"]
     references = {}
     for sample in read_conversations(eval_json):
@@ -163,47 +169,46 @@ def evaluate(cfg, compute, mode, checkpoint_dir, run_config, report_dir):
     if approximate:
         print(f"scores will be {approximate}; METEOR and SPICE need Java and are skipped")
 
-    captions, seconds = caption_with_both_models(cfg, compute, checkpoint_dir, list(references))
+    captions, seconds, models = caption_with_each_model(cfg, compute, checkpoint_dir, list(references))
     paths = list(captions["base"])
     if not paths:
         raise PipelineError(f"none of the images in {eval_json} could be read")
 
     scored = {key: score_captions({path: references[path] for path in paths}, captions[key], use_java,
-                                  f"scoring the {label}", cfg.spice) for key, label in MODELS.items()}
+                                  f"scoring the {label}", cfg.spice) for key, label in models.items()}
     metrics = {key: scores for key, (scores, _) in scored.items()}
-    skipped = scored["fine_tuned"][1]  # the same for both: it depends on Java and the spice setting only
-    table = metrics_table(metrics, skipped, approximate)
+    skipped = scored["fine_tuned"][1]  # the same for each: it depends on Java and the spice setting only
+    table = metrics_table(models, metrics, skipped, approximate)
     print(table)
-    rows = [{"image_path": path, "references": references[path], "base": captions["base"][path],
-             "fine_tuned": captions["fine_tuned"][path], "thumbnail": thumbnail_data_uri(path, trained_geometry(run_config))}
-            for path in paths]
+    rows = [{"image_path": path, "references": references[path], **{key: captions[key][path] for key in models},
+             "thumbnail": thumbnail_data_uri(path, trained_geometry(run_config))} for path in paths]
 
-    title = f"Base vs fine-tuned captions: {len(rows)} images of {os.path.basename(eval_json)}"
+    title = f"{' vs '.join(models.values())} captions: {len(rows)} images of {os.path.basename(eval_json)}"
     write_report(report_dir, {
         "checkpoint": os.path.abspath(checkpoint_dir), "eval_json": os.path.abspath(eval_json),
         "tokenizer": "PTB (Java)" if use_java else "Python PTB-compatible", "approximate": approximate,
-        "metrics": metrics, "skipped": skipped,
+        "models": models, "metrics": metrics, "skipped": skipped,
         "seconds": seconds, "images": [{k: v for k, v in row.items() if k != "thumbnail"} for row in rows],
-    }, html_report(rows, metrics, skipped, title, approximate))
-    for key, label in MODELS.items():
+    }, html_report(models, rows, metrics, skipped, title, approximate))
+    for key, label in models.items():
         print(f"{label}: {len(rows)} images in {seconds[key]:.1f} s ({len(rows) / seconds[key]:.2f} images/s)")
     print(f"wrote {report_dir}/metrics.json and {report_dir}/report.html")
-    log_to_swanlab(cfg, mode, run_config, metrics, rows)
+    log_to_swanlab(cfg, mode, run_config, models, metrics, rows)
 
 
-def log_to_swanlab(cfg, mode, run_config, metrics, rows):
+def log_to_swanlab(cfg, mode, run_config, models, metrics, rows):
     import swanlab
 
     start_swanlab(mode, cfg.swanlab_project, swanlab_project, "compare", {**run_config, **vars(cfg)})
-    swanlab.log({f"eval/{key}/{name}": value for key in MODELS for name, value in metrics[key].items()
+    swanlab.log({f"eval/{key}/{name}": value for key in models for name, value in metrics[key].items()
                  if value is not None})
     table = swanlab.echarts.Table()
-    table.add(["metric", *MODELS.values()],
-              [[name, *(f"{metrics[key][name]:.4f}" if metrics[key][name] is not None else "skipped" for key in MODELS)]
+    table.add(["metric", *models.values()],
+              [[name, *(f"{metrics[key][name]:.4f}" if metrics[key][name] is not None else "skipped" for key in models)]
                for name in METRICS])
     swanlab.log({"eval/metrics": table})
     swanlab.log({"eval/captions": [
-        swanlab.Image(row["image_path"], caption=f"base: {row['base']} | fine-tuned: {row['fine_tuned']}")
+        swanlab.Image(row["image_path"], caption=" | ".join(f"{label}: {row[key]}" for key, label in models.items()))
         for row in rows]})
     swanlab.finish()
 

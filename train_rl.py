@@ -154,7 +154,7 @@ def held_out_scorer(cfg, processor, geometry, prompt, references, use_java):
     return score
 
 
-def trainer_arguments(cfg, compute):
+def trainer_arguments(cfg, compute, evaluate):
     """TrainingArguments from the settings. Creating them also joins this process to the others under torchrun."""
     from transformers import TrainingArguments
 
@@ -162,7 +162,7 @@ def trainer_arguments(cfg, compute):
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps, eval_strategy="steps", eval_steps=cfg.eval_steps, seed=cfg.seed,
+        save_steps=cfg.save_steps, eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_steps, seed=cfg.seed,
         logging_first_step=True, bf16=compute.precision == "bf16", fp16=compute.precision == "fp16",
         use_cpu=compute.device == "cpu", report_to="none", remove_unused_columns=False,
         ddp_find_unused_parameters=False, dataloader_num_workers=0)
@@ -199,7 +199,7 @@ def train_rl(cfg, sft_run, references, compute, is_main_process):
     geometry = trained_geometry(sft_run)
     policy, processor = policy_and_processor(cfg, sft_run, compute)
     reward = CiderReward({path: references[path] for path in images}, use_java)
-    args = trainer_arguments(cfg, compute)  # joins the processes, if several
+    args = trainer_arguments(cfg, compute, evaluate=bool(held_out))  # joins the processes, if several
     check_shared_output_dir(cfg.output_dir, args)
     if not alone:
         resume_from, earlier_run = decided_by_the_main_process(lambda: resume_point(cfg, is_main_process),
@@ -222,8 +222,6 @@ def train_rl(cfg, sft_run, references, compute, is_main_process):
         os.makedirs(cfg.output_dir, exist_ok=True)
         write_json(os.path.join(cfg.output_dir, RUN_CONFIG), {**run_config, "swanlab_run_id": run.id})
 
-    if not resume_from and held_out:
-        trainer.evaluate()  # the starting point of the held-out curve
     train_until_done(trainer, resume_from)
     trainer.save_state()
     if cfg.beta:
@@ -233,8 +231,7 @@ def train_rl(cfg, sft_run, references, compute, is_main_process):
     if held_out and is_main_process:
         import swanlab
 
-        trainer.evaluate()
-        for path, caption in score_held_out.captions.items():
+        for path, caption in score_held_out.captions.items():  # of Trainer's evaluation after the last step
             print(f"{path}: {caption}")
         swanlab.log({"Prediction": [swanlab.Image(path, caption=caption)
                                     for path, caption in score_held_out.captions.items()]})

@@ -1,7 +1,7 @@
 """Captions from a model: greedy generation in batches, files that do not load skipped, base and fine-tuned side by
 side."""
 
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 
 from captioning.checkpoints import trained_model
 from captioning.chat import END_OF_TURN, build_messages
@@ -17,12 +17,15 @@ class BaseAndFineTuned:
 
     def __init__(self, model, checkpoint, output_dir, compute, quantization="none"):
         self.checkpoint_dir, self.run_config, fine_tuned = trained_model(model, checkpoint, output_dir)
+        self.started_from = self.run_config.get("started_from") if self.checkpoint_dir else None
         self.fine_tuned, self.processor = load_model_and_processor(fine_tuned, compute, on_device=True,
                                                                    quantization=quantization)
         if self.checkpoint_dir:
             from peft import PeftModel
 
             self.fine_tuned = self.base = PeftModel.from_pretrained(self.fine_tuned, self.checkpoint_dir)
+            if self.started_from:  # train.py's adapter that train_rl.py trained further, beside it
+                self.fine_tuned.load_adapter(self.started_from, adapter_name="started_from")
         else:
             self.base, _ = load_model_and_processor(self.run_config["model"], compute, on_device=True,
                                                     quantization=quantization)
@@ -30,11 +33,24 @@ class BaseAndFineTuned:
         self.names = {"base": self.run_config["model"], "fine_tuned": self.checkpoint_dir or fine_tuned}
 
     def caption(self, which, paths, max_new_tokens, batch_size, **options):
-        """caption_files with the "base" or the "fine_tuned" model, at training's prompt and image geometry."""
+        """caption_files with the "base" or the "fine_tuned" model (or, for a train_rl.py run, the "started_from"
+        adapter), at training's prompt and image geometry."""
         model = self.base if which == "base" else self.fine_tuned
-        with model.disable_adapter() if which == "base" and self.checkpoint_dir else suppress():
+        with model.disable_adapter() if which == "base" and self.checkpoint_dir else \
+                active_adapter(model, "started_from") if which == "started_from" else suppress():
             return caption_files(model, self.processor, paths, trained_geometry(self.run_config),
                                  self.run_config["prompt"], max_new_tokens, batch_size, **options)
+
+
+@contextmanager
+def active_adapter(model, name):
+    """One of a peft model's adapters active (frozen), then the default one again, trainable or not as before."""
+    default_trains = any(parameter.requires_grad for parameter in model.parameters())
+    model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter("default", inference_mode=not default_trains)
 
 
 def caption_files(model, processor, paths, geometry, prompt, max_new_tokens, batch_size, description="captioning",

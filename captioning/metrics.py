@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from tqdm import tqdm
 
@@ -53,13 +54,28 @@ def python_tokenize(caption):
     return " ".join(BRACKETS.get(token, token) for token in tokens if token not in PUNCTUATION)
 
 
+@contextlib.contextmanager
+def java_stderr_silenced():
+    """Java's tokenizer logs two lines to stderr each time it runs (every step of train_rl.py): the process's stderr
+    goes to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def tokenize_all(captions_by_id, use_java):
     """{id: [caption, ...]} tokenised the way the COCO evaluation does."""
     if not use_java:
         return {key: [python_tokenize(caption) for caption in captions] for key, captions in captions_by_id.items()}
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), java_stderr_silenced():
         return PTBTokenizer().tokenize(
             {key: [{"caption": caption} for caption in captions] for key, captions in captions_by_id.items()}
         )

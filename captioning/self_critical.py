@@ -5,13 +5,13 @@ Per step: the vision tower encodes each image once; the k captions of an image a
 (num_return_sequences) from those features; a caption is its tokens up to and including the first <|im_end|>, or all
 max_new_tokens of them when it never ends (rewarded nothing); one forward pass scores every caption's tokens."""
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 from transformers import GenerationConfig, Trainer
 
 from captioning.chat import END_OF_TURN, build_messages
 from captioning.feature_cache import feature_rows, sample_features
+from captioning.generation import active_adapter
 from captioning.images import load_image
 from captioning.training_samples import CaptionCollator, with_answer
 
@@ -36,16 +36,6 @@ def group_advantages(rewards, group_size, scale):
     return advantages.flatten()
 
 
-@contextmanager
-def reference_adapter(policy):
-    """The starting adapter, loaded beside the trained one as "reference", active for a forward pass."""
-    policy.base_model.set_adapter("reference", inference_mode=True)
-    try:
-        yield
-    finally:
-        policy.base_model.set_adapter("default")  # which also makes its weights the trainable ones again
-
-
 class PromptCollator:
     """A batch of images as the prompts to sample captions of: each image loaded at training's size, the chat
     template with the prompt, left-padded so that generation continues every row at its end."""
@@ -65,7 +55,8 @@ class PromptCollator:
 class SelfCriticalTrainer(Trainer):
     """Trainer whose loss is the policy gradient of sampled captions: -(advantage x the caption's log-probability),
     averaged over the captions, plus beta x the KL to the starting adapter (adapter "reference") when beta > 0.
-    evaluate() captions the held-out images greedily and logs their CIDEr-D."""
+    evaluate() captions the held-out images greedily (held_out: model -> metrics) and logs their CIDEr-D, before the
+    first step and every eval_steps."""
 
     def __init__(self, *args, reward, num_generations, temperature, max_new_tokens, scale_rewards, beta, family,
                  held_out=None, **kwargs):
@@ -81,6 +72,7 @@ class SelfCriticalTrainer(Trainer):
             suppress_tokens=tokens_no_caption_holds(tokenizer), use_cache=True)
         self.collator = CaptionCollator(tokenizer.pad_token_id, family)
         self.logged = defaultdict(list)  # metrics since the last log, averaged into it
+        self.evaluated_at_start = False
 
     def sampled_captions(self, policy, inputs, features):
         """[token ids] of each sampled caption, num_generations per image in image order, cut after <|im_end|>."""
@@ -132,7 +124,7 @@ class SelfCriticalTrainer(Trainer):
         log_probs, caption_of_token = self.token_log_probs(model, batch)
         loss = -(advantages[caption_of_token] * log_probs).sum() / len(captions)
         if self.beta:
-            with torch.no_grad(), reference_adapter(policy):
+            with torch.no_grad(), active_adapter(policy, "reference"):
                 reference_log_probs, _ = self.token_log_probs(policy, reference_batch)
             # the k3 estimator of KL(policy || reference), per token, as GRPO computes it
             difference = reference_log_probs - log_probs
@@ -153,10 +145,15 @@ class SelfCriticalTrainer(Trainer):
             self.logged.clear()
         super().log(logs, *args, **kwargs)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.state.global_step == 0 and self.held_out and not self.evaluated_at_start:
+            self.evaluated_at_start = True
+            self.evaluate()  # the starting point of the held-out curve (a resumed run has it already)
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def evaluate(self, *args, **kwargs):
         """Greedy captions of the held-out images and their CIDEr-D (as compare.py scores them), logged."""
-        if self.held_out is None:
-            return {}
         metrics = self.held_out(self.accelerator.unwrap_model(self.model)) if self.is_world_process_zero() else {}
         self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

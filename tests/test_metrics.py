@@ -77,9 +77,10 @@ def test_spice_when_asked_runs_or_says_why_it_could_not(java, monkeypatch):
 
 def test_scores_without_java_are_labelled_approximate():
     scores, skipped = metrics.score_captions(REFERENCES, CANDIDATES, use_java=False)
-    table = compare.metrics_table({"base": scores, "fine_tuned": scores}, skipped, metrics.APPROXIMATE)
+    table = compare.metrics_table(compare.MODELS, {"base": scores, "fine_tuned": scores}, skipped, metrics.APPROXIMATE)
     assert table.splitlines()[-1].startswith("scores approximate: no Java runtime could run")
-    report = compare.html_report([], {"base": scores, "fine_tuned": scores}, skipped, "t", metrics.APPROXIMATE)
+    report = compare.html_report(compare.MODELS, [], {"base": scores, "fine_tuned": scores}, skipped, "t",
+                                 metrics.APPROXIMATE)
     assert "<li class='approximate'>Scores are approximate: no Java runtime could run" in report
 
 
