@@ -26,6 +26,7 @@ vllm_engine         captions from vLLM: the merged folder, or base + adapter
 predictions         infer.py's predictions.jsonl, written as captioning goes
 metrics             the COCO caption metrics, as pycocoevalcap computes them
 caption_reward      the reinforcement stage's reward: CIDEr-D over the training references, fixed once
+self_critical       train_rl.py's loop: captions sampled per image, rewarded, judged against their group's mean
 pages               the HTML pieces of compare.py's report and demo.py's page
 tracking            SwanLab: its mode and run
 """

@@ -38,7 +38,8 @@ def package_imports():
 
 
 def test_the_top_level_holds_only_what_users_run():
-    assert SCRIPTS == ["compare", "csv2json", "data2csv", "demo", "export_gguf", "infer", "merge", "train", "verify"]
+    assert SCRIPTS == ["compare", "csv2json", "data2csv", "demo", "export_gguf", "infer", "merge", "train", "train_rl",
+                       "verify"]
 
 
 def test_the_package_imports_no_script():
