@@ -10,7 +10,8 @@ Three measurements, each path in its own process so that peak memory is its own:
    torch's FlopCounterMode on the first step, and on CUDA the model FLOPs utilisation from them (over the timed
    steps, the encoding left out) with peak GPU memory allocated and reserved after the encoding and memory probe;
 3. captioning: images/s of batched generation against one image at a time, whether the captions agree, and the
-   time of the image-and-prompt pass alone (generation stopped after one token).
+   time of the image-and-prompt pass alone (generation stopped after one token);
+4. reinforcement: a train_rl.py step (8 captions sampled per image) against a train.py step on the same images.
 The model has random weights (speed does not depend on their values), so nothing is downloaded. Prints a table
 and writes bench/results.json.
 """
@@ -111,6 +112,7 @@ SIZES = {
                   vocab_size=4096),
 }
 BATCH, ACCUMULATION = 4, 4  # the recipe's; the fast path takes the same 16 samples per step as one micro-batch
+RL_CAPTIONS = 8  # train_rl.py's num_generations
 CAPTIONS = ["A man riding a wave on top of a surfboard.", "Two dogs play with a frisbee in the park, near a bench.",
             "A red bus drives down a busy street past tall buildings.", "A plate of food with broccoli and rice."]
 
@@ -394,6 +396,61 @@ def measure_captioning(cfg, path_name):
             "captions": captions}
 
 
+def measure_reinforcement(cfg, _):
+    """One train_rl.py step (BATCH images x RL_CAPTIONS captions sampled at temperature 1, rewarded, scored, one
+    update) against one train.py step on the same images (one sample each, the vision tower run in the step as in
+    train_rl.py's): seconds of each over 3 steps after a warm-up one. The random model's captions never end, so
+    every caption runs its max_new_tokens: the longest such a step takes."""
+    import torch
+    from accelerate.utils import send_to_device
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments
+
+    from captioning.caption_reward import CiderReward
+    from captioning.self_critical import PromptCollator, SelfCriticalTrainer
+    from captioning.training_samples import CaptionCollator
+
+    model, processor, compute = model_and_device(cfg)
+    captions_a_person_can_compare(model, processor.tokenizer)
+    model = get_peft_model(model, LoraConfig(target_modules=family(cfg).lora_target_modules, r=64, lora_alpha=16,
+                                             lora_dropout=0.05))
+    dataset = project_dataset(cfg, processor, BATCH)
+    paths = [sample["image_path"] for sample in dataset.samples]
+    with tempfile.TemporaryDirectory() as folder:
+        args = TrainingArguments(output_dir=folder, use_cpu=compute.device == "cpu", report_to="none")
+        trainer = SelfCriticalTrainer(
+            model=model, args=args, processing_class=processor, num_generations=RL_CAPTIONS, temperature=1.0,
+            reward=CiderReward({path: CAPTIONS for path in paths}, use_java=False), max_new_tokens=cfg.max_new_tokens,
+            scale_rewards=False, beta=0.0, family=family(cfg))
+    prompts = PromptCollator(processor, geometry(cfg), "COCO Yes:")([{"image_path": path} for path in paths])
+    samples = CaptionCollator(processor.tokenizer.pad_token_id, family(cfg))([dataset[n] for n in range(BATCH)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def seconds_per_step(loss_of_a_step):
+        for step in range(4):  # a warm-up step, then 3 timed
+            if step == 1:
+                if compute.device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            with torch.autocast(compute.device, dtype=compute.dtype, enabled=compute.precision != "fp32"):
+                loss = loss_of_a_step()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if compute.device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / 3
+
+    def training_step():
+        model.train()
+        return model(**send_to_device(samples, compute.device)).loss
+
+    train_seconds = seconds_per_step(training_step)
+    rl_seconds = seconds_per_step(lambda: trainer.compute_loss(model, send_to_device(dict(prompts), compute.device)))
+    return {"train_step_seconds": train_seconds, "rl_step_seconds": rl_seconds, "images": BATCH,
+            "captions_per_image": RL_CAPTIONS, "captions_per_s": BATCH * RL_CAPTIONS / rl_seconds}
+
+
 def measure_training_set(cfg, _):
     """Building train.py's training set from data_vl.json, every caption tokenised: time and peak RSS. The processor
     is the small model's (its tokenizer is the tests' small one), built here first."""
@@ -415,6 +472,7 @@ PARTS = {
     "data/recipe": measure_data, "data/project": measure_data, "scale/training_set": measure_training_set,
     "train/recipe": measure_training, "train/project": measure_training,
     "caption/one_at_a_time": measure_captioning, "caption/batched": measure_captioning,
+    "reinforcement/step": measure_reinforcement,
 }
 
 
@@ -469,6 +527,14 @@ def table(results):
     lines += [f"| {name:<48} | {theirs:>10.2f} | {ours:>12.2f} | {note:>10} |" for name, theirs, ours, note in rows]
     same = caption["one_at_a_time"]["captions"] == caption["batched"]["captions"]
     lines.append(f"\ncaptions identical batched and one at a time: {'yes' if same else 'NO'}")
+    step = results["reinforcement"]["step"]
+    lines += ["", f"| {'a step on the same ' + str(step['images']) + ' images':<48} | {'train.py':>10} | "
+                  f"{'train_rl.py':>12} | {'ratio':>10} |", f"|{'-' * 50}|{'-' * 12}:|{'-' * 14}:|{'-' * 12}:|",
+              f"| {'seconds (train_rl.py: ' + str(step['captions_per_image']) + ' captions per image)':<48} | "
+              f"{step['train_step_seconds']:>10.2f} | {step['rl_step_seconds']:>12.2f} | "
+              f"{ratio(step['rl_step_seconds'], step['train_step_seconds']) + ' longer':>10} |",
+              f"| {'train_rl.py: captions sampled and scored per s':<48} | {'':>10} | "
+              f"{step['captions_per_s']:>12.2f} | {'':>10} |"]
     return "\n".join(lines)
 
 

@@ -36,7 +36,7 @@ SHAPES = [(64, 48), (48, 96), (160, 40), (56, 56), (90, 30), (30, 90), (72, 40),
 # train.py until its greedy captions are partly right (a greedy CIDEr-D of about 2.8 on the training images)
 PARTLY_TRAINED = ["--test_size=2", "--max_steps=200", "--learning_rate=5e-3", "--per_device_train_batch_size=2",
                   "--gradient_accumulation_steps=1", "--save_steps=1000", "--swanlab_mode=disabled",
-                  "--image_size=56", "--logging_steps=50"]
+                  "--logging_steps=50"]
 # a tiny random-weight model's distribution stays nearly flat: at temperature 1 its samples are noise that never
 # ends, so its tests sample at 0.05 (../shared/FIELD_NOTES.md)
 TINY_RL = ["--temperature=0.05", "--learning_rate=1e-4", "--java=never", "--swanlab_mode=disabled"]
@@ -57,9 +57,9 @@ def write_two_reference_data(work):
     (work / "data_vl.json").write_text(json.dumps(entries), encoding="utf-8")
 
 
-def partly_trained(work, model):
+def partly_trained(work, model, image_size=56):
     write_two_reference_data(work)
-    check(run("train.py", f"--model={model}", *PARTLY_TRAINED, cwd=work))
+    check(run("train.py", f"--model={model}", *PARTLY_TRAINED, f"--image_size={image_size}", cwd=work))
     return work
 
 
@@ -242,8 +242,8 @@ def test_two_processes_with_torchrun_split_the_images_and_save_one_adapter(sft_r
 # ----------------------------------------------------------------------------- every family
 
 @pytest.mark.slow  # train.py then train_rl.py per family: about a minute each
-def test_every_family_trains_further_and_saves_one_adapter(family_model, tmp_path):
-    work = partly_trained(tmp_path, family_model)
+def test_every_family_trains_further_and_saves_one_adapter(family_model, family_side, tmp_path):
+    work = partly_trained(tmp_path, family_model, family_side)
     result = check(rl(work, "--max_steps=2", "--num_generations=2", "--eval_steps=1", "--beta=0.1",
                       "--logging_steps=1"))
     history = logged(work / RL)
@@ -259,7 +259,7 @@ def test_qwen35_with_its_thinking_template_rises_without_a_thinking_block(qwen35
     vocabulary = AutoTokenizer.from_pretrained(qwen35_model).get_vocab()
     assert {vocabulary["<think>"], vocabulary["</think>"]} <= set(tokens_no_caption_holds(
         AutoTokenizer.from_pretrained(qwen35_model)))  # never sampled
-    work = partly_trained(tmp_path, qwen35_model)
+    work = partly_trained(tmp_path, qwen35_model, image_size=64)
     check(rl(work, "--max_steps=80", "--eval_steps=1000", "--logging_steps=40"))
     start, _ = greedy_cider_d(work, SFT)
     rewarded, captions = greedy_cider_d(work, RL)
