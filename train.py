@@ -64,10 +64,10 @@ cache_image_features = "auto"  # auto: when training shows an image more than on
 group_by_length = True  # batch samples of similar length together, so less compute goes to padding
 dataloader_num_workers = 2  # processes that load and preprocess images while the GPU trains
 deepspeed = ""  # empty: none | zero2 | zero3 (the configs in deepspeed/) | path to a DeepSpeed JSON config
-resume = "auto"  # auto: continue an interrupted run from its newest checkpoint in output_dir | never: start afresh
-swanlab_mode = "auto"  # auto ($SWANLAB_MODE, else cloud when logged in, else local) | cloud | local | offline | disabled
-swanlab_project = "Qwen2-VL-finetune"  # $SWANLAB_PROJ_NAME or $SWANLAB_PROJECT, when set, replaces this default
-swanlab_run_name = ""  # empty: output_dir's folder name
+resume = "auto"  # the same in every script: --help
+swanlab_mode = "auto"  # the same in every script: --help
+swanlab_project = "Qwen2-VL-finetune"  # the same in every script: --help
+swanlab_run_name = ""  # the same in every script: --help
 seed = 42
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------

@@ -52,10 +52,10 @@ save_steps = 100
 java = "auto"  # auto: Java's PTB tokenizer for the reward, as compare.py | never: its Python stand-in
 precision = "auto"  # the same in every script: --help
 attention = "auto"  # the same in every script: --help
-resume = "auto"  # auto: continue an interrupted run from its newest checkpoint in output_dir | never: start afresh
-swanlab_mode = "auto"  # auto ($SWANLAB_MODE, else cloud when logged in, else local) | cloud | local | offline | disabled
-swanlab_project = "Qwen2-VL-finetune"  # $SWANLAB_PROJ_NAME or $SWANLAB_PROJECT, when set, replaces this default
-swanlab_run_name = ""  # empty: output_dir's folder name
+resume = "auto"  # the same in every script: --help
+swanlab_mode = "auto"  # the same in every script: --help
+swanlab_project = "Qwen2-VL-finetune"  # the same in every script: --help
+swanlab_run_name = ""  # the same in every script: --help
 seed = 42
 debug = False  # show the full traceback of a failure
 # -----------------------------------------------------------------------------
@@ -162,8 +162,8 @@ def trainer_arguments(cfg, compute, evaluate):
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, logging_steps=cfg.logging_steps,
-        save_steps=cfg.save_steps, eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_steps, seed=cfg.seed,
-        logging_first_step=True, bf16=compute.precision == "bf16", fp16=compute.precision == "fp16",
+        save_steps=cfg.save_steps, eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_steps,
+        seed=cfg.seed, logging_first_step=True, bf16=compute.precision == "bf16", fp16=compute.precision == "fp16",
         use_cpu=compute.device == "cpu", report_to="none", remove_unused_columns=False,
         ddp_find_unused_parameters=False, dataloader_num_workers=0)
 
@@ -216,8 +216,9 @@ def train_rl(cfg, sft_run, references, compute, is_main_process):
 
     run_config = {**sft_run, **vars(cfg), "started_from": os.path.abspath(cfg.sft_dir), "swanlab_mode_used": mode,
                   "world_size": args.world_size, "use_java": use_java}
-    run = start_swanlab(mode, cfg.swanlab_project, swanlab_project, cfg.swanlab_run_name or
-                        os.path.basename(os.path.normpath(cfg.output_dir)), run_config, earlier_run.get("swanlab_run_id"))
+    run = start_swanlab(mode, cfg.swanlab_project, swanlab_project,
+                        cfg.swanlab_run_name or os.path.basename(os.path.normpath(cfg.output_dir)), run_config,
+                        earlier_run.get("swanlab_run_id"))
     if is_main_process:
         os.makedirs(cfg.output_dir, exist_ok=True)
         write_json(os.path.join(cfg.output_dir, RUN_CONFIG), {**run_config, "swanlab_run_id": run.id})

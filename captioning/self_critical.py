@@ -90,8 +90,8 @@ class SelfCriticalTrainer(Trainer):
         for number, caption in enumerate(captions):
             image = number // self.num_generations
             kept = inputs["attention_mask"][image].bool()
-            prompt = {key: inputs[key][image][kept][None] for key in ("input_ids", "attention_mask", "mm_token_type_ids")
-                      if key in inputs}
+            prompt = {key: inputs[key][image][kept][None]
+                      for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in inputs}
             prompt["image_grid_thw"] = inputs["image_grid_thw"][image:image + 1]
             samples.append(with_answer({**prompt, **sample_features(image_rows[image])}, caption))
         return {key: value.to(self.args.device) if isinstance(value, torch.Tensor) else value
@@ -140,7 +140,8 @@ class SelfCriticalTrainer(Trainer):
     def log(self, logs, *args, **kwargs):
         """Add the means of the rollout metrics since the last log, over all processes, to a training log."""
         if "loss" in logs and self.logged:
-            means = torch.tensor([sum(values) / len(values) for values in self.logged.values()], device=self.args.device)
+            means = torch.tensor([sum(values) / len(values) for values in self.logged.values()],
+                                 device=self.args.device)
             logs.update(zip(self.logged, self.accelerator.reduce(means, "mean").tolist()))
             self.logged.clear()
         super().log(logs, *args, **kwargs)

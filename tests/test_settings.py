@@ -15,8 +15,8 @@ from conftest import REPO, run
 
 DEFAULTS = {"__file__": os.path.join(REPO, "train.py"), "name": "x", "steps": 3, "rate": 1e-4, "flag": False,
             "UPPER": "not a setting", "_private": 1}
-SCRIPTS = ["data2csv.py", "csv2json.py", "train.py", "infer.py", "compare.py", "merge.py", "demo.py", "export_gguf.py",
-           "verify.py", "bench/bench.py"]
+SCRIPTS = ["data2csv.py", "csv2json.py", "train.py", "train_rl.py", "infer.py", "compare.py", "merge.py", "demo.py",
+           "export_gguf.py", "verify.py", "bench/bench.py"]
 
 
 def test_overrides_are_typed_like_their_defaults_in_either_form():
@@ -127,8 +127,8 @@ def test_help_lists_every_setting_with_its_default_and_meaning(script, capsys):
 
 
 def test_a_shared_setting_has_one_help_text_in_every_script(capsys):
-    """model, checkpoint, output_dir, quantization, precision and attention mean one thing wherever they appear, so
-    their help cannot drift apart between scripts."""
+    """model, checkpoint, output_dir, quantization, precision, attention, resume and the SwanLab settings mean one thing
+    wherever they appear, so their help cannot drift apart between scripts."""
     seen = {}
     for script in SCRIPTS:
         entries = help_entries(script, capsys)
@@ -137,7 +137,7 @@ def test_a_shared_setting_has_one_help_text_in_every_script(capsys):
     assert set(seen) == set(settings.SHARED_HELP)
     for name, by_script in seen.items():
         assert len(by_script) >= 2 and len(set(by_script.values())) == 1, (name, by_script)
-    assert set(seen["precision"]) == {"train.py", "infer.py", "compare.py", "demo.py", "verify.py"}
+    assert set(seen["precision"]) == {"train.py", "train_rl.py", "infer.py", "compare.py", "demo.py", "verify.py"}
 
 
 def test_help_answers_from_the_command_line(tmp_path):

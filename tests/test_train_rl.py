@@ -181,7 +181,8 @@ def test_the_rl_folder_gives_the_same_captions_in_every_script(rl_run):
     they take train.py's, and give the same captions."""
     work, _ = rl_run
     check(run("infer.py", f"--output_dir={RL}", "--output_path=rl.jsonl", "--max_new_tokens=32", cwd=work))
-    inferred = {row["image_path"]: row["caption"] for row in map(json.loads, (work / "rl.jsonl").read_text().splitlines())}
+    inferred = {row["image_path"]: row["caption"]
+                for row in map(json.loads, (work / "rl.jsonl").read_text().splitlines())}
     compared = check(run("compare.py", f"--output_dir={RL}", "--max_new_tokens=32", "--java=never",
                          "--swanlab_mode=disabled", cwd=work))
     assert re.search(r"^metric +base model +train\.py +train_rl\.py$", compared.stdout, re.MULTILINE)
