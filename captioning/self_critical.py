@@ -132,7 +132,8 @@ class SelfCriticalTrainer(Trainer):
             loss = loss + self.beta * kl.mean()
             self.logged["kl"].append(kl.mean().item())
         self.logged["reward"].append(rewards.mean().item())
-        self.logged["reward_spread"].append(rewards.std().item())
+        # within each image's captions: near 0 they are alike and teach nothing
+        self.logged["reward_spread"].append(rewards.view(-1, self.num_generations).std(dim=1).mean().item())
         self.logged["ended"].append(sum(ended) / len(ended))
         self.logged["caption_words"].append(sum(len(text.split()) for text in texts) / len(texts))
         return loss

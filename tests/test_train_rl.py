@@ -253,16 +253,21 @@ def test_every_family_trains_further_and_saves_one_adapter(family_model, family_
     assert "<think>" not in result.stdout
 
 
-@pytest.mark.slow  # the real Qwen3.5 tokenizer and template: train.py, then 80 steps of train_rl.py
-def test_qwen35_with_its_thinking_template_rises_without_a_thinking_block(qwen35_model, tmp_path):
+@pytest.mark.slow  # the real Qwen3.5 tokenizer and template (a vocabulary of 248k tokens): about a minute
+def test_qwen35_with_its_thinking_template_samples_captions_without_a_thinking_block(qwen35_model, tmp_path):
+    """train_rl.py prompts Qwen3.5 as infer.py does, answering after the template's empty thinking block, and never
+    samples a thinking tag. (Its rise in CIDEr-D is shown on the tiny Qwen2-VL: on this CPU 40 steps of the tiny
+    Qwen3.5 take 4 minutes.)"""
     from transformers import AutoTokenizer
 
-    vocabulary = AutoTokenizer.from_pretrained(qwen35_model).get_vocab()
-    assert {vocabulary["<think>"], vocabulary["</think>"]} <= set(tokens_no_caption_holds(
-        AutoTokenizer.from_pretrained(qwen35_model)))  # never sampled
-    work = partly_trained(tmp_path, qwen35_model, image_size=64)
-    check(rl(work, "--max_steps=80", "--eval_steps=1000", "--logging_steps=40"))
-    start, _ = greedy_cider_d(work, SFT)
-    rewarded, captions = greedy_cider_d(work, RL)
-    assert rewarded - start > 0.5, (start, rewarded, captions)
-    assert not any("think>" in caption for caption in captions.values())
+    tokenizer = AutoTokenizer.from_pretrained(qwen35_model)
+    vocabulary = tokenizer.get_vocab()
+    assert {vocabulary["<think>"], vocabulary["</think>"]} <= set(tokens_no_caption_holds(tokenizer))
+    work = tmp_path / "run"
+    write_two_reference_data(work)
+    check(run("train.py", f"--model={qwen35_model}", *PARTLY_TRAINED, "--max_steps=100", "--image_size=64", cwd=work))
+    result = check(rl(work, "--max_steps=2", "--num_generations=4", "--max_new_tokens=16", "--logging_steps=1"))
+    steps = [entry for entry in logged(work / RL) if "reward" in entry]
+    assert len(steps) == 2 and all(entry["caption_words"] > 0 for entry in steps)
+    held_out = [line for line in result.stdout.splitlines() if line.startswith(f"{work}/images/")]
+    assert len(held_out) == 2 and not any("think>" in line for line in held_out)
