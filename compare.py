@@ -17,7 +17,7 @@ import time
 from tqdm import tqdm
 
 from captioning.checkpoints import trained_adapter
-from captioning.data import read_conversations
+from captioning.data import read_conversations, references_by_image
 from captioning.disk_full import stop_if_disk_full
 from captioning.errors import PipelineError
 from captioning.files import atomic_write, write_json
@@ -159,9 +159,7 @@ def main(argv=()):
 def evaluate(cfg, compute, mode, checkpoint_dir, run_config, report_dir):
     """Caption the evaluation images with each model, score them, and write the table, metrics.json and report."""
     eval_json = cfg.eval_json or run_config["test_json"]
-    references = {}
-    for sample in read_conversations(eval_json):
-        references.setdefault(sample["image_path"], []).append(sample["caption"])
+    references = references_by_image(eval_json)
     refuse_training_images(references, run_config["train_json"])
     use_java = cfg.java == "auto" and java_available()
     approximate = None if use_java else APPROXIMATE if cfg.java == "auto" else APPROXIMATE.replace(

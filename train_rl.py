@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from captioning.caption_reward import CiderReward
 from captioning.checkpoints import ADAPTER_CONFIG, RUN_CONFIG, read_run_config, resume_point, save_final_adapter, \
     train_until_done
-from captioning.data import read_conversations, report_skipped
+from captioning.data import references_by_image, report_skipped
 from captioning.errors import PipelineError
 from captioning.files import write_json
 from captioning.images import trained_geometry, upright_size
@@ -64,14 +64,6 @@ REWARDS = ("cider",)
 
 
 # ----------------------------------------------------------------------------- settings checked before anything loads
-
-def references_by_image(json_path):
-    """{image path: [its captions]} of a conversation JSON."""
-    references = {}
-    for sample in read_conversations(json_path):
-        references.setdefault(sample["image_path"], []).append(sample["caption"])
-    return references
-
 
 def check_settings(cfg):
     """Refuse what train_rl.py cannot use before anything loads; returns train.py's run_config.json, its training

@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 
 from captioning.checkpoints import trained_adapter
-from captioning.data import read_conversations
+from captioning.data import references_by_image
 from captioning.errors import PipelineError
 from captioning.files import atomic_write, write_json
 from captioning.image_paths import image_paths
@@ -257,10 +257,7 @@ def held_references(spec):
     """{image path: its captions} when the images come from a conversation JSON (the held-out set, or csv2json's)."""
     if not spec.endswith(".json") or "," in spec or not os.path.isfile(spec):
         return {}
-    references = {}
-    for sample in read_conversations(spec):
-        references.setdefault(sample["image_path"], []).append(sample["caption"])
-    return references
+    return references_by_image(spec)
 
 
 def main(argv=()):

@@ -31,6 +31,14 @@ def read_conversations(path):
     return [conversation_sample(path, number, entry) for number, entry in enumerate(entries)]
 
 
+def references_by_image(path):
+    """{image path: all its captions} of a conversation JSON, images in the order of their first caption."""
+    references = {}
+    for sample in read_conversations(path):
+        references.setdefault(sample["image_path"], []).append(sample["caption"])
+    return references
+
+
 def conversation_sample(path, number, entry):
     problem = None
     try:

@@ -17,7 +17,7 @@ from captioning.metrics import cider_d
 from captioning.precision import compute_choice
 from captioning.self_critical import group_advantages, tokens_no_caption_holds
 from conftest import REPO, check, run, start_and_wait_for
-from train_rl import references_by_image
+from captioning.data import references_by_image
 
 # colours with two references each, photos of several shapes; the last two are held out (test_size=2)
 TWO_REFERENCES = {
