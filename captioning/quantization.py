@@ -53,6 +53,17 @@ def quantized_loading(quantization, compute, family):
     return {"quantization_config": config, "device_map": {"": device}}
 
 
+def eval_mode_that_trains_on(model):
+    """model.eval() (no dropout), except bitsandbytes' own 4-bit layers, which hold no dropout: on CPUs with
+    AVX512-BF16 their eval-mode forward repacks their weights into a layout that cannot train afterwards (GPUs never
+    take that path), and train_rl.py samples and evaluates between training steps."""
+    model.eval()
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes."):
+            module.train()
+    return model
+
+
 def weight_bytes(model):
     """(bytes the model's weights take as held, bytes they would take unquantized in the model's precision), an
     adapter's own weights left out: a quantized layer holds its packed weights and its quantization constants."""

@@ -1,6 +1,7 @@
 """QLoRA on a CPU, with bitsandbytes' CPU backend: the base model's language model in 4 or 8 bits, the vision tower
 and the head as they were; it trains, captions, resumes and merges. Each process trains before it captions: on CPUs
-with AVX512-BF16 bitsandbytes repacks 4-bit weights after a no-grad forward, and training them then fails."""
+with AVX512-BF16 bitsandbytes repacks 4-bit weights after a no-grad forward, and training them then fails (train_rl.py,
+which samples between its steps, keeps those layers out of eval mode)."""
 import json
 import os
 import shutil
@@ -143,6 +144,23 @@ def test_compare_and_demo_caption_with_a_4bit_base_and_the_adapter_switched_off(
     paths = trained_images(work).split(",")
     assert [(os.path.basename(path), caption) for path, caption in models.caption("fine_tuned", paths, 32, 4)] == LEARNT
     assert [caption for _, caption in models.caption("base", paths, 32, 4)] != [caption for _, caption in LEARNT]
+
+
+def test_train_rl_trains_a_4bit_run_further_and_infer_captions_with_it(qlora_run, work):
+    """train_rl.py samples and evaluates between its training steps on the 4-bit base, the KL's reference adapter
+    beside the trained one; the run keeps the 4-bit base and infer.py takes it."""
+    output_dir, _ = qlora_run
+    check(run("train_rl.py", f"--sft_dir={output_dir}", "--output_dir=qlora-rl", "--max_steps=2", "--num_generations=2",
+              "--eval_steps=1", "--beta=0.1", "--temperature=0.05", "--logging_steps=1", "--java=never",
+              "--swanlab_mode=disabled", cwd=work))
+    run_config = json.loads((work / "qlora-rl" / "run_config.json").read_text())
+    assert run_config["quantization"] == "4bit" and run_config["started_from"] == str(output_dir)
+    history = json.loads((work / "qlora-rl" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "eval_cider_d" in entry] == [0, 1, 2]
+    assert all(entry["kl"] >= 0 for entry in history if "reward" in entry)
+    check(run("infer.py", "--output_dir=qlora-rl", f"--images={trained_images(work)}", "--output_path=rl.jsonl",
+              cwd=work))
+    assert len(captions_of(work / "rl.jsonl")) == len(TRAINED)
 
 
 @pytest.mark.slow  # a minute
