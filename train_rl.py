@@ -17,6 +17,7 @@ from captioning.caption_reward import CiderReward
 from captioning.checkpoints import ADAPTER_CONFIG, RUN_CONFIG, read_run_config, resume_point, save_final_adapter, \
     train_until_done
 from captioning.data import references_by_image, report_skipped
+from captioning.deepspeed_configs import is_zero3, resolve_deepspeed
 from captioning.errors import PipelineError
 from captioning.files import write_json
 from captioning.images import trained_geometry, upright_size
@@ -26,6 +27,7 @@ from captioning.models import family_named
 from captioning.precision import compute_choice
 from captioning.processes import check_shared_output_dir, decided_by_the_main_process, prepare_launch, print_once, \
     this_process
+from captioning.quantization import check_quantization
 from captioning.scripts import run_script
 from captioning.settings import parse_settings, require_positive
 from captioning.tracking import start_swanlab, swanlab_run_mode
@@ -52,6 +54,7 @@ save_steps = 100
 java = "auto"  # auto: Java's PTB tokenizer for the reward, as compare.py | never: its Python stand-in
 precision = "auto"  # the same in every script: --help
 attention = "auto"  # the same in every script: --help
+deepspeed = ""  # the same in every script: --help
 resume = "auto"  # the same in every script: --help
 swanlab_mode = "auto"  # the same in every script: --help
 swanlab_project = "Qwen2-VL-finetune"  # the same in every script: --help
@@ -67,7 +70,7 @@ REWARDS = ("cider",)
 
 def check_settings(cfg):
     """Refuse what train_rl.py cannot use before anything loads; returns train.py's run_config.json, its training
-    references {image: [captions]} and the compute (precision and attention) to train with."""
+    references {image: [captions]}, the DeepSpeed config (or None) and the compute (precision and attention)."""
     require_positive(cfg, "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
                      "max_new_tokens", "eval_steps", "logging_steps", "save_steps")
     if cfg.num_generations < 2:
@@ -83,6 +86,7 @@ def check_settings(cfg):
     for name, choices in (("resume", ("auto", "never")), ("java", ("auto", "never"))):
         if getattr(cfg, name) not in choices:
             raise PipelineError(f"--{name}={getattr(cfg, name)}: use {' or '.join(choices)}")
+    deepspeed_config = resolve_deepspeed(cfg.deepspeed)
     if not os.path.isfile(os.path.join(cfg.sft_dir, ADAPTER_CONFIG)):
         raise PipelineError(f"{cfg.sft_dir} holds no finished train.py run (no {ADAPTER_CONFIG}): run train.py first, "
                             "or point --sft_dir at its output_dir")
@@ -96,7 +100,8 @@ def check_settings(cfg):
     if not references:
         raise PipelineError(f"{sft_run['train_json']} has no training captions to reward against: run train.py on "
                             "data with captions")
-    return sft_run, references, compute_choice(cfg.precision, cfg.attention)
+    check_quantization(sft_run.get("quantization", "none"), deepspeed_config)
+    return sft_run, references, deepspeed_config, compute_choice(cfg.precision, cfg.attention)
 
 
 # ----------------------------------------------------------------------------- the run, phase by phase
@@ -147,7 +152,7 @@ def held_out_scorer(cfg, processor, geometry, prompt, references, use_java):
     return score
 
 
-def trainer_arguments(cfg, compute, evaluate):
+def trainer_arguments(cfg, deepspeed_config, compute, evaluate):
     """TrainingArguments from the settings. Creating them also joins this process to the others under torchrun."""
     from transformers import TrainingArguments
 
@@ -157,7 +162,7 @@ def trainer_arguments(cfg, compute, evaluate):
         max_steps=cfg.max_steps, learning_rate=cfg.learning_rate, logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps, eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_steps,
         seed=cfg.seed, logging_first_step=True, bf16=compute.precision == "bf16", fp16=compute.precision == "fp16",
-        use_cpu=compute.device == "cpu", report_to="none", remove_unused_columns=False,
+        use_cpu=compute.device == "cpu", report_to="none", remove_unused_columns=False, deepspeed=deepspeed_config,
         ddp_find_unused_parameters=False, dataloader_num_workers=0)
 
 
@@ -171,7 +176,7 @@ def print_plan(cfg, images, references, held_out, args):
                f"greedy CIDEr-D of {len(held_out)} held-out images every {cfg.eval_steps} steps")
 
 
-def train_rl(cfg, sft_run, references, compute, is_main_process):
+def train_rl(cfg, sft_run, references, deepspeed_config, compute, is_main_process):
     """The run, phase by phase: load train.py's adapter, plan, sample and reward, save the adapter, caption the
     held-out images."""
     mode = swanlab_run_mode(cfg.swanlab_mode) if is_main_process else "disabled"
@@ -192,7 +197,7 @@ def train_rl(cfg, sft_run, references, compute, is_main_process):
     geometry = trained_geometry(sft_run)
     policy, processor = policy_and_processor(cfg, sft_run, compute)
     reward = CiderReward({path: references[path] for path in images}, use_java)
-    args = trainer_arguments(cfg, compute, evaluate=bool(held_out))  # joins the processes, if several
+    args = trainer_arguments(cfg, deepspeed_config, compute, evaluate=bool(held_out))  # joins the processes, if several
     check_shared_output_dir(cfg.output_dir, args)
     if not alone:
         resume_from, earlier_run = decided_by_the_main_process(lambda: resume_point(cfg, is_main_process),
@@ -205,7 +210,8 @@ def train_rl(cfg, sft_run, references, compute, is_main_process):
         data_collator=PromptCollator(processor, geometry, sft_run["prompt"]), processing_class=processor,
         callbacks=[SwanLabCallback(), ReadableCheckpoints()], reward=reward, num_generations=cfg.num_generations,
         temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, scale_rewards=cfg.scale_rewards,
-        beta=cfg.beta, family=family_named(sft_run["family"]), held_out=score_held_out if held_out else None)
+        beta=cfg.beta, family=family_named(sft_run["family"]), held_out=score_held_out if held_out else None,
+        weights_split=is_zero3(deepspeed_config))
 
     run_config = {**sft_run, **vars(cfg), "started_from": os.path.abspath(cfg.sft_dir), "swanlab_mode_used": mode,
                   "world_size": args.world_size, "use_java": use_java}
@@ -236,9 +242,9 @@ def main(argv=()):
     is_main_process = this_process().is_main  # only it writes files, logs and prints captions
     cfg = parse_settings(globals(), argv)
     prepare_launch()  # before any CUDA query: it may set CUDA_VISIBLE_DEVICES
-    sft_run, references, compute = check_settings(cfg)
+    sft_run, references, deepspeed_config, compute = check_settings(cfg)
     with hold(cfg.output_dir) if is_main_process else nullcontext():  # one run per output_dir at a time
-        train_rl(cfg, sft_run, references, compute, is_main_process)
+        train_rl(cfg, sft_run, references, deepspeed_config, compute, is_main_process)
 
 
 if __name__ == "__main__":

@@ -57,14 +57,15 @@ class SelfCriticalTrainer(Trainer):
     """Trainer whose loss is the policy gradient of sampled captions: -(advantage x the caption's log-probability),
     averaged over the captions, plus beta x the KL to the starting adapter (adapter "reference") when beta > 0.
     evaluate() captions the held-out images greedily (held_out: model -> metrics) and logs their CIDEr-D, before the
-    first step and every eval_steps."""
+    first step and every eval_steps: on the main process, or on all of them when weights_split (DeepSpeed ZeRO-3
+    holds a slice of each weight in each process, so all of them generate together)."""
 
     def __init__(self, *args, reward, num_generations, temperature, max_new_tokens, scale_rewards, beta, family,
-                 held_out=None, **kwargs):
+                 held_out=None, weights_split=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # so that Trainer averages the loss over gradient accumulation steps
         self.reward, self.num_generations, self.temperature = reward, num_generations, temperature
-        self.scale_rewards, self.beta, self.held_out = scale_rewards, beta, held_out
+        self.scale_rewards, self.beta, self.held_out, self.weights_split = scale_rewards, beta, held_out, weights_split
         tokenizer = self.processing_class.tokenizer
         self.end_of_turn = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self.sampling = GenerationConfig(
@@ -156,7 +157,8 @@ class SelfCriticalTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs):
         """Greedy captions of the held-out images and their CIDEr-D (as compare.py scores them), logged."""
-        metrics = self.held_out(self.accelerator.unwrap_model(self.model)) if self.is_world_process_zero() else {}
+        generates = self.is_world_process_zero() or self.weights_split
+        metrics = self.held_out(self.accelerator.unwrap_model(self.model)) if generates else {}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

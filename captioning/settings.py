@@ -30,6 +30,7 @@ SHARED_HELP = {
                  "V100), fp32 on a CPU | bf16 | fp16 | fp32",
     "attention": "auto: flash_attention_2 where flash-attn 2 is installed and the GPU is 8.0+, else sdpa | "
                  "flash_attention_2 | sdpa | eager",
+    "deepspeed": "empty: none | zero2 | zero3 (the configs in deepspeed/) | path to a DeepSpeed JSON config",
     "resume": "auto: continue an interrupted run from its newest checkpoint in output_dir | never: start afresh",
     "swanlab_mode": "auto ($SWANLAB_MODE, else cloud when logged in, else local) | cloud | local | offline | disabled",
     "swanlab_project": "$SWANLAB_PROJ_NAME or $SWANLAB_PROJECT, when set, replaces this default",

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from PIL import Image, ImageColor
+from safetensors.torch import load_file
 
 from captioning.checkpoints import finished_writing
 from captioning.generation import BaseAndFineTuned
@@ -96,6 +97,7 @@ def logged(output_dir):
     ("--temperature=0", "the captions must be sampled, at a temperature above 0"),
     ("--reward=bleu", "--reward=bleu: use cider"),
     ("--beta=-0.1", "--beta=-0.1: use 0"),
+    ("--deepspeed=zero4", "--deepspeed=zero4: use zero2, zero3 or the path of a DeepSpeed JSON config"),
     ("--sft_dir=nothing-here", "nothing-here holds no finished train.py run (no adapter_config.json): run train.py"),
 ])
 def test_bad_settings_are_refused_before_anything_loads(tmp_path, setting, says):
@@ -104,15 +106,28 @@ def test_bad_settings_are_refused_before_anything_loads(tmp_path, setting, says)
     assert not (tmp_path / "output").exists()
 
 
-def test_a_train_run_without_training_captions_is_refused(tmp_path):
-    sft = tmp_path / "output" / "Qwen2-VL-2B"
+def finished_train_run(work, training_data, **run_config):
+    """The files train_rl.py reads of a train.py run before anything loads."""
+    sft = work / "output" / "Qwen2-VL-2B"
     sft.mkdir(parents=True)
     (sft / "adapter_config.json").write_text("{}")
-    (tmp_path / "data_vl_train.json").write_text("[]")
-    (sft / "run_config.json").write_text(json.dumps({"train_json": str(tmp_path / "data_vl_train.json")}))
+    (work / "data_vl_train.json").write_text(json.dumps(training_data))
+    (sft / "run_config.json").write_text(json.dumps({"train_json": str(work / "data_vl_train.json"), **run_config}))
+
+
+def test_a_train_run_without_training_captions_is_refused(tmp_path):
+    finished_train_run(tmp_path, [])
     result = run("train_rl.py", cwd=tmp_path)
     assert result.returncode == 1
     assert "data_vl_train.json has no training captions to reward against" in result.stderr
+
+
+def test_a_4bit_train_run_under_deepspeed_is_refused(tmp_path):
+    finished_train_run(tmp_path, [{"id": "identity_1", "conversations": [
+        {"from": "user", "value": "COCO Yes: <|vision_start|>red.png<|vision_end|>"},
+        {"from": "assistant", "value": "a red square"}]}], quantization="4bit")
+    result = run("train_rl.py", "--deepspeed=zero2", cwd=tmp_path)
+    assert result.returncode == 1 and "--quantization=4bit cannot be used with --deepspeed" in result.stderr
 
 
 def test_a_group_whose_rewards_are_all_equal_contributes_nothing_and_never_a_nan():
@@ -226,18 +241,26 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_and_finishes(sft_run, tmp_p
     assert (output_dir / "adapter_config.json").exists()
 
 
-@pytest.mark.slow  # two processes starting torch and the model: about a minute
-def test_two_processes_with_torchrun_split_the_images_and_save_one_adapter(sft_run):
-    output_dir = sft_run / "output" / "torchrun-rl"
+@pytest.mark.slow  # two processes starting torch and the model: about a minute each
+@pytest.mark.parametrize("deepspeed", ["", "zero3"])
+def test_two_processes_with_torchrun_split_the_images_and_save_one_adapter(sft_run, deepspeed):
+    """As plain data parallel, and under DeepSpeed ZeRO-3 (each process holds a slice of every weight, so all of them
+    sample and caption the held-out images together), with the KL's reference adapter."""
+    output_dir = sft_run / "output" / f"torchrun-rl{deepspeed}"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              os.path.join(REPO, "train_rl.py"), *TINY_RL, "--max_steps=2", "--num_generations=2",
-                             "--per_device_train_batch_size=2", "--eval_steps=1000", f"--output_dir={output_dir}"],
+                             "--per_device_train_batch_size=2", "--eval_steps=1", "--beta=0.1",
+                             f"--deepspeed={deepspeed}", f"--output_dir={output_dir}"],
                             cwd=sft_run, capture_output=True, text=True, timeout=900)
     check(result)
     assert "2 steps of 4 images x 2 captions" in result.stdout  # 2 images, whole groups, on each process
     assert result.stdout.count("saved the adapter") == 1
     assert (output_dir / "adapter_config.json").exists() and not (output_dir / "reference").exists()
     assert json.loads((output_dir / "run_config.json").read_text())["world_size"] == 2
+    assert [entry["step"] for entry in logged(output_dir) if "eval_cider_d" in entry] == [0, 1, 2]
+    trained, started_from = (load_file(folder / "adapter_model.safetensors") for folder in (output_dir, sft_run / SFT))
+    assert trained.keys() == started_from.keys() and any(not torch.equal(trained[name], started_from[name])
+                                                         for name in trained)  # whole weights, trained further
 
 
 # ----------------------------------------------------------------------------- every family
