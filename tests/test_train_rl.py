@@ -189,6 +189,13 @@ def test_the_run_shows_its_plan_progress_and_held_out_captions(rl_run):
     assert run_config["model"] == json.loads((work / SFT / "run_config.json").read_text())["model"]
     assert sorted(os.listdir(work / RL / "checkpoint-4")) == sorted(os.listdir(work / SFT / "checkpoint-200"))
     assert not (work / RL / "reference").exists()
+    # the same LoRA, trained further: what serves train.py's adapter (vLLM's LoRARequest, merge.py, GGUF) serves this
+    assert (json.loads((work / RL / "adapter_config.json").read_text()) ==
+            json.loads((work / SFT / "adapter_config.json").read_text()))
+    trained, started_from = (load_file(work / folder / "adapter_model.safetensors") for folder in (RL, SFT))
+    assert {name: weight.shape for name, weight in trained.items()} == \
+        {name: weight.shape for name, weight in started_from.items()}
+    assert any(not torch.equal(trained[name], started_from[name]) for name in trained)
 
 
 def test_the_rl_folder_gives_the_same_captions_in_every_script(rl_run):
