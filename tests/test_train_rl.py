@@ -58,9 +58,9 @@ def write_two_reference_data(work):
     (work / "data_vl.json").write_text(json.dumps(entries), encoding="utf-8")
 
 
-def partly_trained(work, model, image_size=56):
+def partly_trained(work, model, image_size=56, *settings):
     write_two_reference_data(work)
-    check(run("train.py", f"--model={model}", *PARTLY_TRAINED, f"--image_size={image_size}", cwd=work))
+    check(run("train.py", f"--model={model}", *PARTLY_TRAINED, f"--image_size={image_size}", *settings, cwd=work))
     return work
 
 
@@ -272,11 +272,11 @@ def test_two_processes_with_torchrun_split_the_images_and_save_one_adapter(sft_r
 
 # ----------------------------------------------------------------------------- every family
 
-@pytest.mark.slow  # train.py then train_rl.py per family: about a minute each
+@pytest.mark.slow  # train.py then train_rl.py per family: about half a minute each
 def test_every_family_trains_further_and_saves_one_adapter(family_model, family_side, tmp_path):
-    work = partly_trained(tmp_path, family_model, family_side)
+    work = partly_trained(tmp_path, family_model, family_side, "--max_steps=20")  # a train.py run is all it needs
     result = check(rl(work, "--max_steps=2", "--num_generations=2", "--eval_steps=1", "--beta=0.1",
-                      "--logging_steps=1"))
+                      "--logging_steps=1", "--max_new_tokens=16"))
     history = logged(work / RL)
     assert all(entry["kl"] >= 0 for entry in history if "reward" in entry)
     assert (work / RL / "adapter_config.json").exists() and not (work / RL / "reference").exists()
