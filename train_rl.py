@@ -140,10 +140,10 @@ def policy_and_processor(cfg, sft_run, compute):
 def held_out_scorer(cfg, processor, geometry, prompt, references, use_java):
     """model -> greedy captions of the held-out images, with their CIDEr-D and mean length as Trainer logs."""
     from captioning.generation import caption_files
-    from captioning.quantization import eval_mode_that_trains_on
+    from captioning.quantization import eval_mode_between_training_steps
 
     def score(model):
-        eval_mode_that_trains_on(model)
+        eval_mode_between_training_steps(model)
         captions = dict(caption_files(model, processor, references, geometry, prompt, cfg.max_new_tokens,
                                       batch_size=cfg.per_device_train_batch_size, show_progress=False))
         score.captions = captions

@@ -53,7 +53,7 @@ def quantized_loading(quantization, compute, family):
     return {"quantization_config": config, "device_map": {"": device}}
 
 
-def eval_mode_that_trains_on(model):
+def eval_mode_between_training_steps(model):
     """model.eval() (no dropout), except bitsandbytes' own 4-bit layers, which hold no dropout: on CPUs with
     AVX512-BF16 their eval-mode forward repacks their weights into a layout that cannot train afterwards (GPUs never
     take that path), and train_rl.py samples and evaluates between training steps."""

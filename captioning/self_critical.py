@@ -13,7 +13,7 @@ from captioning.chat import END_OF_TURN, build_messages
 from captioning.feature_cache import feature_rows, sample_features
 from captioning.generation import active_adapter
 from captioning.images import load_image
-from captioning.quantization import eval_mode_that_trains_on
+from captioning.quantization import eval_mode_between_training_steps
 from captioning.training_samples import CaptionCollator, with_answer
 
 
@@ -110,7 +110,7 @@ class SelfCriticalTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         paths = inputs.pop("image_paths")
         policy = self.accelerator.unwrap_model(model)
-        eval_mode_that_trains_on(policy)  # no dropout: the captions are scored by the policy that sampled them
+        eval_mode_between_training_steps(policy)  # no dropout: the captions are scored by the policy that sampled them
         with torch.no_grad():
             features = policy.get_base_model().get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
             image_rows = feature_rows(features)  # taken before generate, which repeats the features in place
