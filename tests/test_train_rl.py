@@ -286,8 +286,8 @@ def test_every_family_trains_further_and_saves_one_adapter(family_model, family_
 @pytest.mark.slow  # the real Qwen3.5 tokenizer and template (a vocabulary of 248k tokens): about a minute
 def test_qwen35_with_its_thinking_template_samples_captions_without_a_thinking_block(qwen35_model, tmp_path):
     """train_rl.py prompts Qwen3.5 as infer.py does, answering after the template's empty thinking block, and never
-    samples a thinking tag. (Its rise in CIDEr-D is shown on the tiny Qwen2-VL: on this CPU 40 steps of the tiny
-    Qwen3.5 take 4 minutes.)"""
+    samples a thinking tag. (Its rise in CIDEr-D is shown on the tiny Qwen2-VL: with a vocabulary of 248k tokens
+    the tiny Qwen3.5 needs 150 steps of 5 seconds on this CPU, docs/guide.md.)"""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(qwen35_model)
