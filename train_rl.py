@@ -176,6 +176,21 @@ def print_plan(cfg, images, references, held_out, args):
                f"greedy CIDEr-D of {len(held_out)} held-out images every {cfg.eval_steps} steps")
 
 
+def train(cfg, trainer, resume_from):
+    """Trainer's loop, a GPU out of memory told in the settings that size a step."""
+    import torch
+
+    try:
+        train_until_done(trainer, resume_from)
+    except torch.cuda.OutOfMemoryError as error:
+        raise PipelineError(
+            f"the GPU ran out of memory sampling and scoring {cfg.per_device_train_batch_size} images x "
+            f"{cfg.num_generations} captions of up to {cfg.max_new_tokens} tokens. Run again with a smaller "
+            "--max_new_tokens to continue from the last checkpoint, or start afresh (--resume=never) with a smaller "
+            "--per_device_train_batch_size (and a larger --gradient_accumulation_steps for as many images a step) or "
+            "--num_generations") from error
+
+
 def train_rl(cfg, sft_run, references, deepspeed_config, compute, is_main_process):
     """The run, phase by phase: load train.py's adapter, plan, sample and reward, save the adapter, caption the
     held-out images."""
@@ -222,7 +237,7 @@ def train_rl(cfg, sft_run, references, deepspeed_config, compute, is_main_proces
         os.makedirs(cfg.output_dir, exist_ok=True)
         write_json(os.path.join(cfg.output_dir, RUN_CONFIG), {**run_config, "swanlab_run_id": run.id})
 
-    train_until_done(trainer, resume_from)
+    train(cfg, trainer, resume_from)
     trainer.save_state()
     if cfg.beta:
         policy.delete_adapter("reference")  # so that output_dir holds the one adapter

@@ -12,11 +12,14 @@ import torch
 from PIL import Image, ImageColor
 from safetensors.torch import load_file
 
+import train_rl
 from captioning.checkpoints import finished_writing
+from captioning.errors import PipelineError
 from captioning.generation import BaseAndFineTuned
 from captioning.metrics import cider_d
 from captioning.precision import compute_choice
 from captioning.self_critical import group_advantages, tokens_no_caption_holds
+from captioning.settings import parse_settings
 from conftest import REPO, check, run, start_and_wait_for
 from captioning.data import references_by_image
 
@@ -128,6 +131,19 @@ def test_a_4bit_train_run_under_deepspeed_is_refused(tmp_path):
         {"from": "assistant", "value": "a red square"}]}], quantization="4bit")
     result = run("train_rl.py", "--deepspeed=zero2", cwd=tmp_path)
     assert result.returncode == 1 and "--quantization=4bit cannot be used with --deepspeed" in result.stderr
+
+
+def test_a_gpu_out_of_memory_names_the_settings_that_size_a_step(monkeypatch):
+    def out_of_memory(trainer, resume_from):  # as torch raises it on a GPU
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_rl, "train_until_done", out_of_memory)
+    cfg = parse_settings(vars(train_rl), ["--num_generations=16", "--max_new_tokens=48"])
+    with pytest.raises(PipelineError) as raised:
+        train_rl.train(cfg, trainer=None, resume_from=None)
+    assert str(raised.value).startswith("the GPU ran out of memory sampling and scoring 4 images x 16 captions of up "
+                                        "to 48 tokens. Run again with a smaller --max_new_tokens to continue")
+    assert "--per_device_train_batch_size" in str(raised.value) and "--num_generations" in str(raised.value)
 
 
 def test_a_group_whose_rewards_are_all_equal_contributes_nothing_and_never_a_nan():
