@@ -27,7 +27,7 @@ from captioning.models import family_named
 from captioning.precision import compute_choice
 from captioning.processes import check_shared_output_dir, decided_by_the_main_process, prepare_launch, print_once, \
     this_process
-from captioning.quantization import check_quantization
+from captioning.quantization import check_quantization, eval_mode_between_training_steps
 from captioning.scripts import run_script
 from captioning.settings import parse_settings, require_positive
 from captioning.tracking import start_swanlab, swanlab_run_mode
@@ -140,7 +140,6 @@ def policy_and_processor(cfg, sft_run, compute):
 def held_out_scorer(cfg, processor, geometry, prompt, references, use_java):
     """model -> greedy captions of the held-out images, with their CIDEr-D and mean length as Trainer logs."""
     from captioning.generation import caption_files
-    from captioning.quantization import eval_mode_between_training_steps
 
     def score(model):
         eval_mode_between_training_steps(model)
