@@ -264,7 +264,7 @@ def test_a_killed_rl_run_resumes_from_its_checkpoint_and_finishes(sft_run, tmp_p
     assert (output_dir / "adapter_config.json").exists()
 
 
-@pytest.mark.slow  # two processes starting torch and the model: about a minute each
+@pytest.mark.slow  # two processes starting torch and the model: 20 s, and 40 s under ZeRO-3 (100 s beside other tests)
 @pytest.mark.parametrize("deepspeed", ["", "zero3"])
 def test_two_processes_with_torchrun_split_the_images_and_save_one_adapter(sft_run, deepspeed):
     """As plain data parallel, and under DeepSpeed ZeRO-3 (each process holds a slice of every weight, so all of them
@@ -272,7 +272,7 @@ def test_two_processes_with_torchrun_split_the_images_and_save_one_adapter(sft_r
     output_dir = sft_run / "output" / f"torchrun-rl{deepspeed}"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              os.path.join(REPO, "train_rl.py"), *TINY_RL, "--max_steps=2", "--num_generations=2",
-                             "--per_device_train_batch_size=2", "--eval_steps=1", "--beta=0.1",
+                             "--per_device_train_batch_size=2", "--eval_steps=2", "--beta=0.1", "--max_new_tokens=16",
                              f"--deepspeed={deepspeed}", f"--output_dir={output_dir}"],
                             cwd=sft_run, capture_output=True, text=True, timeout=900)
     check(result)
@@ -280,7 +280,7 @@ def test_two_processes_with_torchrun_split_the_images_and_save_one_adapter(sft_r
     assert result.stdout.count("saved the adapter") == 1
     assert (output_dir / "adapter_config.json").exists() and not (output_dir / "reference").exists()
     assert json.loads((output_dir / "run_config.json").read_text())["world_size"] == 2
-    assert [entry["step"] for entry in logged(output_dir) if "eval_cider_d" in entry] == [0, 1, 2]
+    assert [entry["step"] for entry in logged(output_dir) if "eval_cider_d" in entry] == [0, 2]
     trained, started_from = (load_file(folder / "adapter_model.safetensors") for folder in (output_dir, sft_run / SFT))
     assert trained.keys() == started_from.keys() and any(not torch.equal(trained[name], started_from[name])
                                                          for name in trained)  # whole weights, trained further
