@@ -146,6 +146,7 @@ def test_compare_and_demo_caption_with_a_4bit_base_and_the_adapter_switched_off(
     assert [caption for _, caption in models.caption("base", paths, 32, 4)] != [caption for _, caption in LEARNT]
 
 
+@pytest.mark.slow  # 20 s, beside make test's budget
 def test_train_rl_trains_a_4bit_run_further_and_infer_captions_with_it(qlora_run, work):
     """train_rl.py samples and evaluates between its training steps on the 4-bit base, the KL's reference adapter
     beside the trained one; the run keeps the 4-bit base and infer.py takes it."""

@@ -228,9 +228,8 @@ def test_the_rl_folder_gives_the_same_captions_in_every_script(rl_run):
     assert report["models"] == {"base": "base model", "started_from": "train.py", "fine_tuned": "train_rl.py"}
     assert {row["image_path"]: row["fine_tuned"] for row in report["images"]} == inferred
     sft_captions = {row["image_path"]: row["started_from"] for row in report["images"]}
-    check(run("infer.py", f"--output_dir={SFT}", "--output_path=sft.jsonl", "--max_new_tokens=32", cwd=work))
-    assert sft_captions == {row["image_path"]: row["caption"]
-                            for row in map(json.loads, (work / "sft.jsonl").read_text().splitlines())}
+    sft = BaseAndFineTuned("", "", str(work / SFT), compute_choice())  # as infer.py captions with train.py's adapter
+    assert sft_captions == dict(sft.caption("fine_tuned", list(sft_captions), 32, 8, show_progress=False))
     page = (work / RL / "eval" / "report.html").read_text()
     assert "<th>base model</th><th>train.py</th><th>train_rl.py</th>" in page
 
