@@ -38,9 +38,9 @@ PHOTO_SHAPES = {"red": (64, 48), "green": (48, 96), "blue": (160, 40), "yellow":
 
 
 # The longest chains of tests, each in one process (make test keeps a file's tests together): vLLM's environment and
-# engines, and building llama-mtmd-cli. Begun first, the other process runs the rest meanwhile instead of waiting idle
-# for them at the end.
-LONGEST_FIRST = ["test_vllm.py", "test_qwen35.py"]
+# engines, building llama-mtmd-cli, and train_rl.py's runs (7 minutes of the slow set). Begun first, the other process
+# runs the rest meanwhile instead of waiting idle for them at the end.
+LONGEST_FIRST = ["test_vllm.py", "test_qwen35.py", "test_train_rl.py"]
 
 
 def pytest_collection_modifyitems(config, items):
