@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import train_rl
 from captioning.checkpoints import finished_writing
+from captioning.data import references_by_image
 from captioning.errors import PipelineError
 from captioning.generation import BaseAndFineTuned
 from captioning.metrics import cider_d
@@ -21,7 +22,6 @@ from captioning.precision import compute_choice
 from captioning.self_critical import group_advantages, tokens_no_caption_holds
 from captioning.settings import parse_settings
 from conftest import REPO, check, run, start_and_wait_for
-from captioning.data import references_by_image
 
 # colours with two references each, photos of several shapes; the last two are held out (test_size=2)
 TWO_REFERENCES = {
@@ -86,6 +86,15 @@ def rl(work, *settings, control=False):
     return subprocess.run([sys.executable, *wrapper, os.path.join(REPO, "train_rl.py"), *TINY_RL, *settings],
                           cwd=work, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+
+def trained_further(output_dir, sft_dir):
+    """Whether output_dir's adapter is sft_dir's LoRA trained further: the same weights by name and shape, changed."""
+    trained, started_from = (load_file(os.path.join(folder, "adapter_model.safetensors"))
+                             for folder in (output_dir, sft_dir))
+    return ({name: weight.shape for name, weight in trained.items()} ==
+            {name: weight.shape for name, weight in started_from.items()} and
+            any(not torch.equal(trained[name], started_from[name]) for name in trained))
 
 
 def logged(output_dir):
@@ -208,10 +217,7 @@ def test_the_run_shows_its_plan_progress_and_held_out_captions(rl_run):
     # the same LoRA, trained further: what serves train.py's adapter (vLLM's LoRARequest, merge.py, GGUF) serves this
     assert (json.loads((work / RL / "adapter_config.json").read_text()) ==
             json.loads((work / SFT / "adapter_config.json").read_text()))
-    trained, started_from = (load_file(work / folder / "adapter_model.safetensors") for folder in (RL, SFT))
-    assert {name: weight.shape for name, weight in trained.items()} == \
-        {name: weight.shape for name, weight in started_from.items()}
-    assert any(not torch.equal(trained[name], started_from[name]) for name in trained)
+    assert trained_further(work / RL, work / SFT)
 
 
 def test_the_rl_folder_gives_the_same_captions_in_every_script(rl_run):
@@ -280,9 +286,7 @@ def test_two_processes_with_torchrun_split_the_images_and_save_one_adapter(sft_r
     assert (output_dir / "adapter_config.json").exists() and not (output_dir / "reference").exists()
     assert json.loads((output_dir / "run_config.json").read_text())["world_size"] == 2
     assert [entry["step"] for entry in logged(output_dir) if "eval_cider_d" in entry] == [0, 2]
-    trained, started_from = (load_file(folder / "adapter_model.safetensors") for folder in (output_dir, sft_run / SFT))
-    assert trained.keys() == started_from.keys() and any(not torch.equal(trained[name], started_from[name])
-                                                         for name in trained)  # whole weights, trained further
+    assert trained_further(output_dir, sft_run / SFT)  # whole weights gathered from ZeRO-3's slices
 
 
 # ----------------------------------------------------------------------------- every family
